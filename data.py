@@ -1,0 +1,147 @@
+"""CoLA as a LightningDataModule: the Hugging Face Hub by default, or local GLUE-layout TSV files."""
+
+import hashlib
+from pathlib import Path
+from typing import Iterator, Optional
+
+import datasets
+import torch
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer, DataCollatorWithPadding
+
+HUB_DATASET = ("nyu-mll/glue", "cola")
+SPLIT_FILES = {"train": "train.tsv", "validation": "dev.tsv"}  # GLUE names the validation file dev.tsv
+LABEL_NAMES = ("unacceptable", "acceptable")  # CoLA's label 0 and 1
+MODEL_INPUTS = ["input_ids", "token_type_ids", "attention_mask", "labels"]
+
+
+class DataError(ValueError):
+    """A problem in the user's data, reported as one line: 'file:line: what is wrong'."""
+
+
+def read_glue_tsv(path: Path) -> Iterator[dict]:
+    """Yield {"sentence", "label"} rows of a GLUE CoLA file (source, label, star, sentence; no header).
+
+    Parsed by hand rather than as CSV: CoLA sentences contain quote characters that a CSV reader
+    would take as quoting. Any malformed line raises DataError naming the file and line.
+    """
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            columns = line.split("\t")
+            if len(columns) != 4:
+                raise DataError(
+                    f"{where}: expected 4 tab-separated columns (source, label, star, sentence), found {len(columns)}"
+                )
+            _, label, _, sentence = columns
+            if label not in ("0", "1"):
+                raise DataError(f"{where}: label must be 0 or 1, found {label!r}")
+            if not sentence.strip():
+                raise DataError(f"{where}: empty sentence")
+            yield {"sentence": sentence, "label": int(label)}
+
+
+def _file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def load_local_cola(data_dir: Path, split: str) -> datasets.Dataset:
+    """One split of a local GLUE CoLA folder as an Arrow dataset, cached by the file's content hash."""
+    path = Path(data_dir) / SPLIT_FILES[split]
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (data_dir must hold GLUE CoLA's train.tsv and dev.tsv)")
+    try:
+        return datasets.Dataset.from_generator(
+            read_glue_tsv,
+            gen_kwargs={"path": path},
+            features=datasets.Features({"sentence": datasets.Value("string"), "label": datasets.Value("int64")}),
+            fingerprint=f"cola-{split}-{_file_digest(path)}",
+        )
+    except datasets.exceptions.DatasetGenerationError as e:
+        if isinstance(e.__cause__, DataError):
+            raise e.__cause__ from None
+        raise
+
+
+class ColaDataModule(pl.LightningDataModule):
+    """Tokenized CoLA batches with per-batch dynamic padding.
+
+    Args:
+        model_name_or_path: whose tokenizer to use (set from --model.model_name_or_path by train.py).
+        data_dir: a folder with GLUE-layout train.tsv and dev.tsv; None loads CoLA from the Hub.
+        batch_size: sentences per batch (per device under DDP).
+        max_length: longer sentences are truncated to this many tokens (CoLA's longest is ~45).
+        num_workers: DataLoader worker processes; 0 collates in the training process, which is
+            fastest on small CPUs where workers would compete with the model for cores.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "google-bert/bert-base-uncased",
+        data_dir: Optional[str] = None,
+        batch_size: int = 32,
+        max_length: int = 128,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = None
+        self.splits: dict[str, datasets.Dataset] = {}
+
+    def _load_split(self, split: str) -> datasets.Dataset:
+        if self.hparams.data_dir:
+            return load_local_cola(Path(self.hparams.data_dir), split)
+        return datasets.load_dataset(*HUB_DATASET, split=split)
+
+    def prepare_data(self) -> None:
+        # Runs on one process: fill the caches (Hub download, Arrow files, tokenizer), keep no state.
+        AutoTokenizer.from_pretrained(self.hparams.model_name_or_path)
+        for split in SPLIT_FILES:
+            self._load_split(split)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.splits:
+            return
+        self.tokenizer = AutoTokenizer.from_pretrained(self.hparams.model_name_or_path)
+        for split in SPLIT_FILES:
+            self.splits[split] = self._tokenize(self._load_split(split), split)
+
+    def _tokenize(self, dataset: datasets.Dataset, split: str) -> datasets.Dataset:
+        max_length = self.hparams.max_length
+
+        def encode(batch: dict) -> dict:
+            encoded = self.tokenizer(batch["sentence"], truncation=True, max_length=max_length)
+            # A second, untruncated pass only counts what truncation cut; map caches both.
+            full_lengths = [len(ids) for ids in self.tokenizer(batch["sentence"])["input_ids"]]
+            encoded["truncated"] = [n > max_length for n in full_lengths]
+            return encoded
+
+        dataset = dataset.map(encode, batched=True, desc=f"Tokenizing {split}")
+        truncated = sum(dataset["truncated"])
+        if truncated:
+            print(f"{split}: {truncated} of {len(dataset)} sentences truncated to max_length={max_length} tokens")
+        dataset = dataset.rename_column("label", "labels")
+        return dataset.select_columns([c for c in MODEL_INPUTS if c in dataset.column_names])
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.splits[split],
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            collate_fn=DataCollatorWithPadding(self.tokenizer),
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=False)

@@ -1,0 +1,111 @@
+"""A pretrained BERT-family encoder fine-tuned to classify CoLA sentences, as a LightningModule."""
+
+import tempfile
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import (
+    BinaryAccuracy,
+    BinaryConfusionMatrix,
+    BinaryF1Score,
+    BinaryMatthewsCorrCoef,
+    BinaryPrecisionRecallCurve,
+)
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+
+from data import LABEL_NAMES
+
+
+class ColaModel(pl.LightningModule):
+    """Sequence classifier with CoLA's metrics and the BERT paper's fine-tuning recipe.
+
+    Args:
+        model_name_or_path: a Hub id or a local directory of any BERT-family checkpoint.
+        learning_rate: peak AdamW learning rate; 2e-5 is the BERT paper's best for CoLA at batch 32.
+        weight_decay: AdamW decay on weight matrices; biases and LayerNorm weights get none.
+        warmup_ratio: fraction of all optimizer steps spent warming up linearly, before linear decay to 0.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "google-bert/bert-base-uncased",
+        learning_rate: float = 2e-5,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            model_name_or_path,
+            num_labels=len(LABEL_NAMES),
+            id2label=dict(enumerate(LABEL_NAMES)),
+            label2id={name: i for i, name in enumerate(LABEL_NAMES)},
+        )
+        # from_pretrained returns the model in eval mode and Lightning keeps each module's mode as it finds it:
+        # without this, dropout would stay off during fine-tuning.
+        self.model.train()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+        self._tokenizer_files: dict[str, str] = {}
+        # Epoch-level metrics: torchmetrics accumulates over the whole epoch and syncs across DDP ranks.
+        self.val_metrics = MetricCollection(
+            {"mcc": BinaryMatthewsCorrCoef(), "accuracy": BinaryAccuracy(), "f1": BinaryF1Score()}, prefix="val_"
+        )
+        self.val_loss = MeanMetric()
+        self.val_confusion = BinaryConfusionMatrix()
+        self.val_pr_curve = BinaryPrecisionRecallCurve(thresholds=101)  # binned: constant memory, cheap DDP sync
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.model(**batch).loss
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["labels"].size(0))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        outputs = self.model(**batch)
+        labels = batch["labels"]
+        prob_acceptable = outputs.logits.float().softmax(dim=-1)[:, 1]
+        self.val_loss.update(outputs.loss, weight=labels.size(0))
+        for metric in (self.val_metrics, self.val_confusion, self.val_pr_curve):
+            metric.update(prob_acceptable, labels)
+        self.log_dict(self.val_metrics, prog_bar=True)
+        self.log("val_loss", self.val_loss, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        # compute() is a collective under DDP: every rank calls it; only rank zero draws.
+        confusion, pr_curve = self.val_confusion.compute(), self.val_pr_curve.compute()
+        self.val_confusion.reset()
+        self.val_pr_curve.reset()
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                fig, _ = self.val_confusion.plot(confusion, labels=list(LABEL_NAMES))
+                logger.experiment.add_figure("val/confusion_matrix", fig, self.current_epoch)
+                fig, _ = self.val_pr_curve.plot(pr_curve)
+                logger.experiment.add_figure("val/precision_recall_curve", fig, self.current_epoch)
+
+    def configure_optimizers(self) -> dict:
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.hparams.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},  # biases, LayerNorm
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate, fused=self.device.type == "cuda")
+        total_steps = self.trainer.estimated_stepping_batches
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total_steps), total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Everything inference needs without the network: architecture, label names, tokenizer.
+        checkpoint["hf_config"] = self.model.config.to_dict()
+        checkpoint["tokenizer_files"] = self.tokenizer_files()
+
+    def tokenizer_files(self) -> dict[str, str]:
+        """The tokenizer's saved files (name -> text), computed once."""
+        if not self._tokenizer_files:
+            with tempfile.TemporaryDirectory() as tmp:
+                self.tokenizer.save_pretrained(tmp)
+                self._tokenizer_files = {p.name: p.read_text(encoding="utf-8") for p in Path(tmp).iterdir()}
+        return self._tokenizer_files
