@@ -7,7 +7,7 @@ from typing import Iterator, Optional
 import datasets
 import torch
 import pytorch_lightning as pl
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
 HUB_DATASET = ("nyu-mll/glue", "cola")
@@ -69,6 +69,34 @@ def load_local_cola(data_dir: Path, split: str) -> datasets.Dataset:
         raise
 
 
+class LengthGroupedSampler(Sampler[int]):
+    """Random batches of sentences of similar length, so that dynamic padding adds few pad tokens.
+
+    Each epoch: shuffle all sentences, sort each window of 50 groups by length, cut it into groups,
+    shuffle the groups. A group is one batch per DDP process: Lightning deals a custom sampler's indices
+    out round-robin, so every process gets its share of the same group.
+    """
+
+    def __init__(self, lengths: list[int], group_size: int, seed: int) -> None:
+        self.lengths, self.group_size = lengths, group_size
+        self.generator = torch.Generator().manual_seed(seed)  # same seed on every DDP process: same order
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        window = 50 * self.group_size
+        groups = []
+        for start in range(0, len(order), window):
+            by_length = sorted(order[start : start + window], key=self.lengths.__getitem__)
+            groups += [by_length[i : i + self.group_size] for i in range(0, len(by_length), self.group_size)]
+        # A short group stays last: in the middle it would shift every later batch off its group.
+        last = [groups.pop()] if len(groups[-1]) < self.group_size else []
+        for group in [groups[i] for i in torch.randperm(len(groups), generator=self.generator)] + last:
+            yield from group
+
+
 class ColaDataModule(pl.LightningDataModule):
     """Tokenized CoLA batches with per-batch dynamic padding.
 
@@ -79,6 +107,8 @@ class ColaDataModule(pl.LightningDataModule):
         max_length: longer sentences are truncated to this many tokens (CoLA's longest is ~45).
         num_workers: DataLoader worker processes; 0 collates in the training process, which is
             fastest on small CPUs where workers would compete with the model for cores.
+        group_by_length: training batches of similar-length sentences (LengthGroupedSampler) instead
+            of uniformly random ones: less padding, faster steps.
     """
 
     def __init__(
@@ -88,6 +118,7 @@ class ColaDataModule(pl.LightningDataModule):
         batch_size: int = 32,
         max_length: int = 128,
         num_workers: int = 0,
+        group_by_length: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -113,7 +144,7 @@ class ColaDataModule(pl.LightningDataModule):
             self.splits[split] = self._tokenize(self._load_split(split), split)
 
     def _tokenize(self, dataset: datasets.Dataset, split: str) -> datasets.Dataset:
-        max_length = self.hparams.max_length
+        max_length = min(self.hparams.max_length, self.tokenizer.model_max_length)  # the model's own limit
 
         def encode(batch: dict) -> dict:
             encoded = self.tokenizer(batch["sentence"], truncation=True, max_length=max_length)
@@ -129,11 +160,12 @@ class ColaDataModule(pl.LightningDataModule):
         dataset = dataset.rename_column("label", "labels")
         return dataset.select_columns([c for c in MODEL_INPUTS if c in dataset.column_names])
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool = False, sampler: Optional[Sampler] = None) -> DataLoader:
         return DataLoader(
             self.splits[split],
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             collate_fn=DataCollatorWithPadding(self.tokenizer),
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
@@ -141,7 +173,12 @@ class ColaDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        if not self.hparams.group_by_length:
+            return self._loader("train", shuffle=True)
+        lengths = [len(ids) for ids in self.splits["train"]["input_ids"]]
+        world_size = self.trainer.world_size if self.trainer else 1
+        sampler = LengthGroupedSampler(lengths, self.hparams.batch_size * world_size, seed=torch.initial_seed())
+        return self._loader("train", sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", shuffle=False)
+        return self._loader("validation")

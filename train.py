@@ -59,6 +59,8 @@ def report(trainer: Trainer, datamodule: ColaDataModule, timer: Timer) -> None:
     checkpoint = trainer.checkpoint_callback
     best_mcc = float(checkpoint.best_model_score)
     train_seconds = timer.time_elapsed("train")
+    train_size = len(datamodule.splits["train"])  # all ranks together see it once per epoch
+    samples_per_epoch = min(train_size, trainer.num_training_batches * datamodule.hparams.batch_size * trainer.world_size)
     summary = {
         "best_val_mcc": best_mcc,
         "best_model_path": checkpoint.best_model_path,
@@ -67,7 +69,7 @@ def report(trainer: Trainer, datamodule: ColaDataModule, timer: Timer) -> None:
         "global_step": trainer.global_step,
         "train_seconds": train_seconds,
         # Same definition as the Hugging Face Trainer's train_samples_per_second (validation time included).
-        "train_samples_per_second": trainer.current_epoch * len(datamodule.splits["train"]) / train_seconds,
+        "train_samples_per_second": trainer.current_epoch * samples_per_epoch / train_seconds,
         "last_epoch_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
     }
     run_dir = Path(trainer.logger.log_dir)

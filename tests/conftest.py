@@ -1,13 +1,21 @@
 """Offline fixtures: a tiny random-weight BERT with its own WordPiece vocab, and tiny CoLA TSV files."""
 
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
+
+# Tests never touch the network: fail fast instead of trying the Hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import pytest
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
 WORDS = "the a boy girl dog cat sat ran saw is was on under bench mat park big small quickly".split()
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+REPO = Path(__file__).resolve().parent.parent
 
 
 def make_sentence(rng: random.Random) -> str:
@@ -24,6 +32,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     vocab = {token: i for i, token in enumerate(SPECIAL + WORDS + ["."])}
     # transformers 5 ignores vocab_file= here (every token would become [UNK]); vocab= takes the dict.
     tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True)
+    ids = tokenizer("The dog sat on the mat.")["input_ids"]
+    assert tokenizer.unk_token_id not in ids, "tiny vocab does not cover the test sentences"
     tokenizer.save_pretrained(path)
     config = BertConfig(
         vocab_size=len(vocab),
@@ -47,3 +57,33 @@ def tiny_data_dir(tmp_path_factory) -> Path:
         sentences = [make_sentence(rng) for _ in range(n)]
         write_tsv(path / name, [(int("dog" in s.lower()), s) for s in sentences])
     return path
+
+
+def run_train(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python train.py ARGS` as a user runs it, in workdir (so logs/ lands there), offline."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--trainer.enable_progress_bar", "false", *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def tiny_train_args(model_dir: Path, data_dir: Path) -> list[str]:
+    return [
+        "--model.model_name_or_path", str(model_dir),
+        "--data.data_dir", str(data_dir),
+        "--data.batch_size", "8",
+        "--model.learning_rate", "1e-3",
+        "--trainer.log_every_n_steps", "1",
+    ]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_model_dir, tiny_data_dir) -> tuple[Path, subprocess.CompletedProcess]:
+    """One 2-epoch `python train.py` run on the tiny model: (its working directory, the process result)."""
+    workdir = tmp_path_factory.mktemp("run")
+    result = run_train(workdir, *tiny_train_args(tiny_model_dir, tiny_data_dir), "--trainer.max_epochs", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, result

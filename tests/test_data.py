@@ -1,0 +1,115 @@
+import pytest
+import torch
+
+from data import ColaDataModule, DataError, LengthGroupedSampler, load_local_cola, read_glue_tsv
+
+
+def test_reads_glue_layout_keeping_quotes(tmp_path):
+    path = tmp_path / "train.tsv"
+    path.write_bytes(b'gj04\t1\t\tHe said "hi" to \'them\'.\r\ngj04\t0\t*\tHim sat bench.\n')
+    rows = list(read_glue_tsv(path))
+    assert rows == [
+        {"sentence": "He said \"hi\" to 'them'.", "label": 1},
+        {"sentence": "Him sat bench.", "label": 0},
+    ]
+
+
+def test_local_folder_loads_both_splits(tiny_data_dir):
+    train, dev = load_local_cola(tiny_data_dir, "train"), load_local_cola(tiny_data_dir, "validation")
+    assert (len(train), len(dev)) == (48, 24)
+    first_line = (tiny_data_dir / "train.tsv").read_text().splitlines()[0].split("\t")
+    assert train[0] == {"sentence": first_line[3], "label": int(first_line[1])}
+    assert set(train["label"]) == {0, 1}
+
+
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        ("src\t2\t\tA dog sat.", "train.tsv:2: label must be 0 or 1, found '2'"),
+        ("src\t1\tA dog sat.", "train.tsv:2: expected 4 tab-separated columns (source, label, star, sentence), found 3"),
+        ("src\t1\t\t   ", "train.tsv:2: empty sentence"),
+        ("", "train.tsv:2: expected 4 tab-separated columns"),
+    ],
+)
+def test_bad_line_names_file_line_and_problem(tmp_path, bad_line, message):
+    (tmp_path / "train.tsv").write_text(f"src\t1\t\tThe dog sat.\n{bad_line}\nsrc\t0\t\tDog the.\n")
+    with pytest.raises(DataError) as error:
+        load_local_cola(tmp_path, "train")
+    assert str(error.value).startswith(str(tmp_path / "train.tsv"))
+    assert message in str(error.value)
+
+
+def test_non_utf8_and_missing_file(tmp_path):
+    (tmp_path / "train.tsv").write_bytes(b"src\t1\t\tThe dog sat.\nsrc\t1\t\tCaf\xe9 au lait.\n")
+    with pytest.raises(DataError, match=r"train.tsv:2: not valid UTF-8"):
+        load_local_cola(tmp_path, "train")
+    with pytest.raises(DataError, match=r"dev.tsv: file not found"):
+        load_local_cola(tmp_path, "validation")
+
+
+def make_datamodule(model_dir, data_dir, **kwargs) -> ColaDataModule:
+    datamodule = ColaDataModule(model_name_or_path=str(model_dir), data_dir=str(data_dir), **kwargs)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule
+
+
+def test_batches_are_padded_per_batch_not_to_max_length(tiny_model_dir, tiny_data_dir):
+    datamodule = make_datamodule(tiny_model_dir, tiny_data_dir, batch_size=4, max_length=128)
+    unk_id = datamodule.tokenizer.unk_token_id
+    widths = set()
+    for batch in datamodule.val_dataloader():
+        assert set(batch) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        assert ids.shape == mask.shape and ids.shape[0] == 4 and batch["labels"].shape == (4,)
+        # The batch is exactly as wide as its longest sentence: dynamic padding.
+        assert ids.shape[1] == int(mask.sum(dim=1).max())
+        assert not torch.any(ids[mask.bool()] == unk_id), "real tokens must not be [UNK]"
+        widths.add(ids.shape[1])
+    assert max(widths) < 20 and len(widths) > 1
+
+
+def test_truncation_is_applied_and_reported(tiny_model_dir, tiny_data_dir, capsys):
+    datamodule = make_datamodule(tiny_model_dir, tiny_data_dir, batch_size=48, max_length=8)
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["input_ids"].shape[1] == 8
+    last_real_token = batch["input_ids"].gather(1, batch["attention_mask"].sum(1, keepdim=True) - 1)
+    assert (last_real_token == datamodule.tokenizer.sep_token_id).all()  # truncation keeps [SEP] at the end
+    sentences = [row["sentence"] for row in read_glue_tsv(tiny_data_dir / "train.tsv")]
+    too_long = sum(len(datamodule.tokenizer(s)["input_ids"]) > 8 for s in sentences)
+    assert f"train: {too_long} of 48 sentences truncated to max_length=8 tokens" in capsys.readouterr().out
+
+
+def test_training_batches_are_shuffled_validation_is_not(tiny_model_dir, tiny_data_dir):
+    datamodule = make_datamodule(tiny_model_dir, tiny_data_dir, batch_size=48, group_by_length=False)
+    loader = datamodule.train_dataloader()
+    first, second = (next(iter(loader))["input_ids"][:, 1] for _ in range(2))  # two epochs
+    assert not torch.equal(first, second)
+    labels = torch.cat([b["labels"] for b in datamodule.val_dataloader()])
+    assert labels.tolist() == [row["label"] for row in read_glue_tsv(tiny_data_dir / "dev.tsv")]
+
+
+def test_length_grouped_sampler_groups_lengths_and_shuffles_batches():
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 60, (1000,), generator=generator).tolist()
+    sampler = LengthGroupedSampler(lengths, group_size=10, seed=0)
+    epochs = [list(sampler) for _ in range(2)]
+    for order in epochs:
+        assert sorted(order) == list(range(1000))  # every sentence exactly once per epoch
+        batches = [order[i : i + 10] for i in range(0, 1000, 10)]
+        spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches]
+        assert sum(spread) / len(spread) < 3  # uniformly random batches of 10 would spread ~45
+        batch_lengths = [lengths[b[0]] for b in batches]
+        assert batch_lengths != sorted(batch_lengths)  # batches are not in length order
+    assert epochs[0] != epochs[1]
+
+
+def test_length_grouped_sampler_under_ddp_gives_each_process_a_share_of_each_group():
+    lengths = [i % 37 for i in range(1003)]
+    order = list(LengthGroupedSampler(lengths, group_size=2 * 8, seed=1))
+    groups = [set(order[i : i + 16]) for i in range(0, 1003, 16)]
+    assert [len(g) for g in groups[:-1]] == [16] * 62 and len(groups[-1]) == 1003 % 16  # the short group is last
+    for rank in range(2):
+        shard = order[rank::2]  # how Lightning's DistributedSamplerWrapper deals indices to 2 processes
+        for k in range(62):
+            assert set(shard[8 * k : 8 * k + 8]) <= groups[k]  # batch k of each process comes from group k

@@ -1,0 +1,165 @@
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from inference import ColaPredictor, InputError, find_best_checkpoint
+
+SENTENCES = ["The dog sat on the mat.", "Mat the on sat dog the.", "A big cat ran quickly under the bench."]
+
+
+def run_inference(workdir, *args, stdin=None):
+    return subprocess.run(
+        [sys.executable, str(REPO / "inference.py"), *args],
+        cwd=workdir, input=stdin, capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def best_checkpoint(trained):
+    workdir, _ = trained
+    return workdir / json.loads((workdir / "logs/cola/version_0/metrics.json").read_text())["best_model_path"]
+
+
+@pytest.fixture(scope="module")
+def predictor(best_checkpoint):
+    return ColaPredictor(best_checkpoint)
+
+
+def test_predict_returns_one_result_per_sentence_in_order(predictor):
+    results = predictor.predict(SENTENCES + [""], batch_size=2)
+    assert [r["sentence"] for r in results] == SENTENCES + [""]
+    assert results[-1] == {"sentence": "", "error": "empty sentence"}
+    for result in results[:-1]:
+        assert result["label"] in ("acceptable", "unacceptable")
+        assert set(result["probabilities"]) == {"acceptable", "unacceptable"}
+        assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert result["probabilities"][result["label"]] >= 0.5
+
+
+def test_batching_and_padding_do_not_change_probabilities(predictor):
+    batched = predictor.predict(SENTENCES, batch_size=3)
+    one_by_one = [predictor.predict([s])[0] for s in SENTENCES]
+    for a, b in zip(batched, one_by_one):
+        assert a["probabilities"]["acceptable"] == pytest.approx(b["probabilities"]["acceptable"], abs=1e-5)
+
+
+def test_matches_the_trained_lightning_module(best_checkpoint, predictor, tiny_data_dir):
+    from model import ColaModel
+
+    module = ColaModel.load_from_checkpoint(best_checkpoint, map_location="cpu", weights_only=False).eval()
+    encoded = module.tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = module.model(**encoded).logits.softmax(-1)[:, 1]
+    got = torch.tensor([r["probabilities"]["acceptable"] for r in predictor.predict(SENTENCES)])
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_cli_arguments_file_and_stdin_agree(trained, tmp_path):
+    workdir, _ = trained
+    from_args = run_inference(workdir, *SENTENCES)
+    assert from_args.returncode == 0, from_args.stderr
+    lines = from_args.stdout.splitlines()
+    assert len(lines) == 3
+    for line, sentence in zip(lines, SENTENCES):
+        label, probability, text = line.split(maxsplit=2)
+        assert label in ("acceptable", "unacceptable") and 0.5 <= float(probability) <= 1 and text == sentence
+    assert len({line.index(sentence) for line, sentence in zip(lines, SENTENCES)}) == 1  # sentences aligned
+    (tmp_path / "in.txt").write_text("\n".join(SENTENCES) + "\n")
+    assert run_inference(workdir, "--file", str(tmp_path / "in.txt")).stdout == from_args.stdout
+    assert run_inference(workdir, "-", stdin="\n".join(SENTENCES)).stdout == from_args.stdout
+
+
+def test_cli_json_keeps_one_line_per_input_line(trained, tmp_path):
+    workdir, _ = trained
+    (tmp_path / "in.txt").write_text(f"{SENTENCES[0]}\n   \n{SENTENCES[1]}\n")
+    result = run_inference(workdir, "--json", "--file", str(tmp_path / "in.txt"))
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["sentence"] for r in rows] == [SENTENCES[0], "   ", SENTENCES[1]]
+    assert rows[1] == {"sentence": "   ", "error": "empty sentence"}
+    assert set(rows[0]) == {"sentence", "label", "probabilities"}
+    text = run_inference(workdir, "--file", str(tmp_path / "in.txt"))
+    assert len(text.stdout.splitlines()) == 2 and "input 2 skipped: empty sentence" in text.stderr
+
+
+def test_long_sentences_are_truncated_with_a_warning(predictor, capsys):
+    long_sentence = " ".join(["the dog sat"] * 100)
+    result = predictor.predict([long_sentence, SENTENCES[0]])
+    assert "label" in result[0]
+    assert predictor.max_length == 64  # the tiny model's position embeddings, below the trained max_length=128
+    assert "1 sentence(s) longer than 64 tokens were truncated" in capsys.readouterr().err
+
+
+def test_discovery_picks_the_best_checkpoint_of_the_latest_run(trained, tmp_path):
+    workdir, _ = trained
+    runs = tmp_path / "logs" / "cola"
+    shutil.copytree(workdir / "logs/cola/version_0", runs / "version_1")
+    shutil.copytree(workdir / "logs/cola/version_0", runs / "version_0")
+    (runs / "version_2").mkdir()  # a run that crashed before its first checkpoint
+    best = json.loads((runs / "version_1/metrics.json").read_text())["best_model_path"].split("/")[-1]
+    newer = runs / "version_1/checkpoints/best-epoch=9-val_mcc=-0.5000.ckpt"  # newest file, not the best
+    shutil.copy(runs / "version_1/checkpoints/last.ckpt", newer)
+    assert find_best_checkpoint(runs) == runs / "version_1/checkpoints" / best
+    (runs / "version_1/metrics.json").unlink()  # an unfinished run: last.ckpt remembers the best
+    assert find_best_checkpoint(runs) == runs / "version_1/checkpoints" / best
+    result = run_inference(tmp_path, "--json", SENTENCES[0])
+    assert result.returncode == 0, result.stderr
+    assert ColaPredictor(runs / "version_1").predict([SENTENCES[0]]) == [json.loads(result.stdout)]
+
+
+def test_export_round_trip_through_pipeline(predictor, tmp_path):
+    from transformers import pipeline
+
+    predictor.export(tmp_path / "export")
+    classifier = pipeline("text-classification", model=str(tmp_path / "export"), top_k=None, device="cpu")
+    for ours, theirs in zip(predictor.predict(SENTENCES), classifier(SENTENCES)):
+        scores = {s["label"]: s["score"] for s in theirs}
+        for label in ("acceptable", "unacceptable"):
+            assert scores[label] == pytest.approx(ours["probabilities"][label], abs=1e-5)
+
+
+def one_line_error(result) -> str:
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_no_run_and_no_checkpoint(tmp_path):
+    assert "no trained run under logs/cola" in one_line_error(run_inference(tmp_path, "Hello."))
+
+
+def test_bad_input_files(trained, tmp_path):
+    workdir, _ = trained
+    assert "cannot read" in one_line_error(run_inference(workdir, "--file", str(tmp_path / "missing.txt")))
+    (tmp_path / "latin1.txt").write_bytes(b"The dog sat.\nCaf\xe9 au lait.\n")
+    assert "latin1.txt:2: not valid UTF-8" in one_line_error(run_inference(workdir, "--file", str(tmp_path / "latin1.txt")))
+
+
+class Exploit:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+@pytest.mark.parametrize("kind", ["not-a-checkpoint", "truncated", "foreign", "pickled-code", "missing"])
+def test_bad_checkpoints_are_refused_in_one_line(best_checkpoint, tmp_path, kind):
+    path = tmp_path / "bad.ckpt"
+    if kind == "not-a-checkpoint":
+        path.write_text("hello")
+    elif kind == "truncated":
+        path.write_bytes(best_checkpoint.read_bytes()[: best_checkpoint.stat().st_size // 2])
+    elif kind == "foreign":
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
+    elif kind == "pickled-code":
+        torch.save({"state_dict": {}, "hf_config": Exploit(), "tokenizer_files": {}}, path, pickle_module=pickle)
+    with pytest.raises(InputError, match=str(path)):
+        ColaPredictor(path)
+    result = run_inference(tmp_path, "--checkpoint", str(path), "Hello.")
+    line = one_line_error(result)
+    assert line.startswith(f"error: {path}") and "pwned" not in result.stdout

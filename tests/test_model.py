@@ -1,0 +1,88 @@
+import math
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+import torch
+from sklearn.metrics import matthews_corrcoef
+
+from model import ColaModel, MatthewsCorrCoef
+from test_data import make_datamodule
+
+
+@pytest.fixture
+def model(tiny_model_dir) -> ColaModel:
+    torch.manual_seed(0)
+    return ColaModel(model_name_or_path=str(tiny_model_dir))
+
+
+def test_labels_and_training_mode(model):
+    assert model.model.config.id2label == {0: "unacceptable", 1: "acceptable"}
+    assert model.model.training, "dropout must be on while fine-tuning"
+
+
+def test_loss_at_initialisation_is_near_ln2(model, tiny_model_dir, tiny_data_dir):
+    batch = next(iter(make_datamodule(tiny_model_dir, tiny_data_dir, batch_size=48).train_dataloader()))
+    model.eval()
+    with torch.no_grad():
+        loss = model.model(**batch).loss.item()
+    assert abs(loss - math.log(2)) < 0.05
+
+
+def test_overfits_a_batch_of_16(model, tiny_model_dir, tiny_data_dir):
+    batch = next(iter(make_datamodule(tiny_model_dir, tiny_data_dir, batch_size=16).train_dataloader()))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.eval()  # dropout off: this checks that inputs, labels and loss are wired so that it can memorise
+    for _ in range(150):
+        loss = model.model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05
+
+
+def test_validation_metrics_cover_the_whole_epoch(model, tiny_model_dir, tiny_data_dir):
+    model.eval()
+    probs, labels = [], []
+    with torch.no_grad():
+        for batch in make_datamodule(tiny_model_dir, tiny_data_dir, batch_size=5).val_dataloader():
+            logits = model.model(**batch).logits
+            probs.append(logits.softmax(-1)[:, 1])
+            labels.append(batch["labels"])
+            model.val_metrics.update(probs[-1], labels[-1])
+    probs, labels = torch.cat(probs), torch.cat(labels)
+    metrics = model.val_metrics.compute()
+    expected = matthews_corrcoef(labels.numpy(), (probs > 0.5).long().numpy())
+    assert metrics["val_mcc"].item() == pytest.approx(expected, abs=1e-6)
+    assert metrics["val_accuracy"].item() == pytest.approx(((probs > 0.5).long() == labels).float().mean().item())
+
+
+def test_no_weight_decay_on_biases_and_layernorm_and_warmup_then_linear_decay(model):
+    with mock.patch.object(type(model), "trainer", SimpleNamespace(estimated_stepping_batches=100)):
+        config = model.configure_optimizers()
+    decay, no_decay = config["optimizer"].param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert all(names[id(p)].endswith("bias") or "LayerNorm" in names[id(p)] for p in no_decay["params"])
+    assert not any(names[id(p)].endswith("bias") or "LayerNorm" in names[id(p)] for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    scheduler = config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "step"
+    lrs = []
+    for _ in range(100):
+        lrs.append(scheduler.get_last_lr()[0])
+        config["optimizer"].step()
+        scheduler.step()
+    peak = model.hparams.learning_rate
+    assert lrs[0] == 0 and lrs[10] == pytest.approx(peak)  # 10% warmup
+    assert lrs[5] == pytest.approx(peak / 2) and lrs[55] == pytest.approx(peak / 2)
+
+
+@pytest.mark.parametrize(
+    "preds, target",
+    [([1, 1, 1, 1], [1, 0, 1, 0]), ([0, 0, 0, 0], [1, 0, 1, 1]), ([1, 0, 1, 0], [1, 1, 1, 1]), ([1, 0, 0, 1], [1, 0, 1, 0])],
+)
+def test_mcc_matches_scikit_learn_also_when_one_class_is_predicted(preds, target):
+    metric = MatthewsCorrCoef()
+    metric.update(torch.tensor(preds, dtype=torch.float), torch.tensor(target))
+    assert metric.compute().item() == pytest.approx(matthews_corrcoef(target, preds), abs=1e-6)

@@ -1,0 +1,104 @@
+"""`python train.py` end to end, as a subprocess on the tiny model (each run takes ~10-30 s, mostly imports)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tokenizers import Tokenizer
+from transformers import PreTrainedTokenizerFast
+
+from conftest import run_train, tiny_train_args
+
+
+def test_run_writes_checkpoints_metrics_and_tensorboard(trained):
+    workdir, result = trained
+    run_dir = workdir / "logs" / "cola" / "version_0"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["global_step"] == 2 * 48 // 8
+    best = workdir / metrics["best_model_path"]
+    assert best.parent == run_dir / "checkpoints" and best.name.startswith("best-")
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert metrics["best_val_mcc"] == pytest.approx(float(best.stem.split("val_mcc=")[1]), abs=1e-4)
+    assert f"Best val_mcc {metrics['best_val_mcc']:.4f}" in result.stdout
+    assert f"python inference.py --checkpoint {metrics['best_model_path']}" in result.stdout
+
+    scalars, images = set(), set()
+    for event_file in run_dir.glob("events.out.tfevents.*"):
+        events = EventAccumulator(str(event_file), size_guidance={"images": 0})
+        events.Reload()
+        scalars |= set(events.Tags()["scalars"])
+        images |= set(events.Tags()["images"])
+    assert {"train_loss", "val_loss", "val_mcc", "val_accuracy", "val_f1", "hp/best_val_mcc"} <= scalars
+    assert any(tag.startswith("lr-AdamW") for tag in scalars)
+    assert {"train/samples", "train/lengths"} <= scalars  # ThroughputMonitor
+    assert {"val/confusion_matrix", "val/precision_recall_curve"} <= images
+
+
+def test_checkpoint_is_self_contained_and_safe_to_load(trained):
+    workdir, _ = trained
+    metrics = json.loads((workdir / "logs/cola/version_0/metrics.json").read_text())
+    checkpoint = torch.load(workdir / metrics["best_model_path"], map_location="cpu", weights_only=True)
+    config = checkpoint["hf_config"]
+    assert {int(k): v for k, v in config["id2label"].items()} == {0: "unacceptable", 1: "acceptable"}
+    assert config["model_type"] == "bert" and config["num_hidden_layers"] == 2
+    assert checkpoint["datamodule_hyper_parameters"]["max_length"] == 128
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(checkpoint["tokenizer_files"]["tokenizer.json"]))
+    tokens = tokenizer.tokenize("The dog sat on the mat.")
+    assert "dog" in tokens and "[UNK]" not in tokens
+
+
+def test_resume_from_last_checkpoint_continues_the_same_run(trained, tmp_path, tiny_model_dir, tiny_data_dir):
+    workdir, _ = trained
+    shutil.copytree(workdir / "logs", tmp_path / "logs")
+    last = "logs/cola/version_0/checkpoints/last.ckpt"
+    args = tiny_train_args(tiny_model_dir, tiny_data_dir)
+    result = run_train(tmp_path, *args, "--trainer.max_epochs", "3", "--ckpt_path", last)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Restoring states from the checkpoint path" in result.stdout + result.stderr
+    metrics = json.loads((tmp_path / "logs/cola/version_0/metrics.json").read_text())
+    assert metrics["epochs"] == 3 and metrics["global_step"] == 3 * 48 // 8  # 2 epochs restored + 1 more
+    assert not (tmp_path / "logs/cola/version_1").exists()
+
+
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        ("src\t2\t\tThe dog sat.", "train.tsv:3: label must be 0 or 1, found '2'"),
+        ("src\t1\tThe dog sat.", "train.tsv:3: expected 4 tab-separated columns"),
+    ],
+)
+def test_bad_tsv_line_stops_with_one_line_error(tmp_path, tiny_model_dir, tiny_data_dir, bad_line, message):
+    data_dir = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data_dir)
+    lines = (data_dir / "train.tsv").read_text().splitlines()
+    lines[2] = bad_line
+    (data_dir / "train.tsv").write_text("\n".join(lines) + "\n")
+    result = run_train(tmp_path, *tiny_train_args(tiny_model_dir, data_dir))
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and str(data_dir) in last_line and message in last_line
+    assert not list(tmp_path.glob("logs/cola/*/checkpoints/*.ckpt"))
+
+
+def test_ddp_on_cpu_with_two_processes(tmp_path, tiny_model_dir, tiny_data_dir):
+    args = tiny_train_args(tiny_model_dir, tiny_data_dir)
+    devices = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    result = run_train(tmp_path, *args, *devices, "--trainer.max_epochs", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dirs = list((tmp_path / "logs" / "cola").iterdir())
+    assert [d.name for d in run_dirs] == ["version_0"]
+    assert len(list(run_dirs[0].glob("checkpoints/best-*.ckpt"))) == 1
+    metrics = json.loads((run_dirs[0] / "metrics.json").read_text())
+    assert metrics["global_step"] == 2 * 48 // (8 * 2)  # each of 2 ranks sees half the data per epoch
+
+
+def test_help_lists_model_data_trainer_and_callback_options(tmp_path):
+    result = run_train(tmp_path, "--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    for option in ("--model.learning_rate", "--data.data_dir", "--data.max_length", "--trainer.max_epochs",
+                   "--trainer.devices", "--early_stopping.patience", "--checkpoint.monitor", "--ckpt_path", "--config"):
+        assert option in result.stdout
+
