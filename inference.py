@@ -6,19 +6,26 @@
     python inference.py --export exported/       # a folder transformers.pipeline() loads
 
 Without --checkpoint it uses the best checkpoint of the most recent run under logs/cola.
-This file imports neither Lightning nor datasets: they would double the start-up time.
+
+Start-up time is the point of this file's shape: importing torch and transformers' BERT takes ~6 s
+on a 2-core machine, onnxruntime and tokenizers ~0.3 s. So the first use of a checkpoint exports
+its model to ONNX beside it (`best-....onnx`, with the tokenizer and labels in its metadata), and
+every later run loads only that. `--backend torch` runs the checkpoint in PyTorch instead (GPUs).
 """
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-import torch
-from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, AutoConfig, AutoTokenizer
-from transformers.utils import logging as transformers_logging
+import numpy as np
+import onnxruntime
+from tokenizers import Tokenizer
 
 LOG_DIR = Path("logs/cola")
 BATCH_SIZE = 64
@@ -30,8 +37,8 @@ class InputError(Exception):
 
 def find_best_checkpoint(log_dir: Path = LOG_DIR) -> Path:
     """The checkpoint ModelCheckpoint marked best in the most recent run (highest version_N) that has one."""
-    runs = sorted(log_dir.glob("version_*"), key=lambda d: int(d.name.split("_")[1]) if d.name[8:].isdigit() else -1)
-    for run_dir in reversed(runs):
+    runs = [d for d in log_dir.glob("version_*") if d.name.removeprefix("version_").isdigit()]
+    for run_dir in sorted(runs, key=lambda d: int(d.name.removeprefix("version_")), reverse=True):
         best = best_checkpoint_of_run(run_dir)
         if best is not None:
             return best
@@ -53,80 +60,190 @@ def best_checkpoint_of_run(run_dir: Path) -> Optional[Path]:
     return best if best.is_file() else None
 
 
-def load_checkpoint(path: Path) -> dict:
-    """torch.load without executing pickled code (weights_only), memory-mapped so that unused
-    optimizer state in the file costs nothing."""
+def resolve_checkpoint(path: Path) -> Path:
+    """A .ckpt file as given, or the best checkpoint of a run folder."""
+    if path.is_dir():
+        best = best_checkpoint_of_run(path)
+        if best is None:
+            raise InputError(f"{path}: no best checkpoint in this run folder")
+        return best
     if not path.is_file():
         raise InputError(f"{path}: checkpoint not found")
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    """torch.load without executing pickled code (weights_only); memory-mapped, so the optimizer state
+    stored beside the weights costs nothing."""
+    import torch
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises RuntimeError, pickle.UnpicklingError, EOFError... for bad files
-        reason = str(e).strip().splitlines()[0][:200]
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # RuntimeError, UnpicklingError, EOFError...: all mean "not a usable file"
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise InputError(f"{path}: not a loadable checkpoint (truncated, tampered or another format): {reason}")
+    if not isinstance(checkpoint, dict) or not {"hf_config", "tokenizer_files", "state_dict"} <= checkpoint.keys():
+        raise InputError(f"{path}: not a checkpoint of this project (no model config or tokenizer inside)")
+    return checkpoint
+
+
+def model_facts(checkpoint: dict) -> dict:
+    """What prediction needs besides the weights: labels, tokenizer, truncation length, padding id."""
+    config = checkpoint["hf_config"]
+    id2label = {int(k): v for k, v in config["id2label"].items()}
+    trained_max_length = checkpoint.get("datamodule_hyper_parameters", {}).get("max_length", 128)
+    return {
+        "labels": [id2label[i] for i in range(len(id2label))],
+        # Truncate as in training, and never past the model's position embeddings.
+        "max_length": min(trained_max_length, config.get("max_position_embeddings", trained_max_length)),
+        "tokenizer": checkpoint["tokenizer_files"]["tokenizer.json"],
+        "pad_token_id": config.get("pad_token_id") or 0,
+    }
+
+
+def load_torch_model(checkpoint: dict):
+    """The checkpoint's transformers model, in eval mode, and its transformers tokenizer."""
+    from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, AutoConfig, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Loading weights" bars are noise on a command line
+
+    config = AutoConfig.for_model(**checkpoint["hf_config"])
+    weights = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    model_class = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]  # e.g. BertForSequenceClassification
+    model = model_class.from_pretrained(None, config=config, state_dict=weights).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in checkpoint["tokenizer_files"].items():
+            (Path(tmp) / name).write_text(text, encoding="utf-8")
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+    return model, tokenizer
+
+
+def build_onnx(checkpoint_path: Path, onnx_path: Path) -> None:
+    """Export the checkpoint's model to ONNX (dynamic batch and sequence axes), facts in its metadata."""
+    import onnx
+    import torch
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    print(f"Exporting {checkpoint_path.name} to ONNX, once, for fast start-up from now on...", file=sys.stderr)
+    model, tokenizer = load_torch_model(checkpoint)
+    example = dict(tokenizer(["An example.", "A longer example sentence."], padding=True, return_tensors="pt"))
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    # The exporter reports progress on stdout and warns about internals: keep stdout for predictions.
+    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model, (), kwargs=example, input_names=list(example), output_names=["logits"], dynamo=True,
+            dynamic_shapes={name: {0: batch, 1: sequence} for name in example}, verbose=False,
+        )
+    tmp_path = onnx_path.with_suffix(f".tmp{os.getpid()}")
+    program.save(tmp_path, external_data=False)
+    model_proto = onnx.load(tmp_path)
+    facts = model_facts(checkpoint)
+    onnx.helper.set_model_props(model_proto, {k: v if isinstance(v, str) else json.dumps(v) for k, v in facts.items()})
+    onnx.save(model_proto, tmp_path)
+    os.replace(tmp_path, onnx_path)  # atomic: a concurrent or interrupted run never sees half a file
+
+
+def onnx_session(checkpoint_path: Path) -> onnxruntime.InferenceSession:
+    """An ONNX Runtime session for the checkpoint, exported once and cached beside it."""
+    onnx_path = checkpoint_path.with_suffix(".onnx")
+    if not onnx_path.is_file() or onnx_path.stat().st_mtime < checkpoint_path.stat().st_mtime:
+        if not os.access(onnx_path.parent, os.W_OK):
+            onnx_path = Path(tempfile.mkdtemp()) / onnx_path.name  # read-only run folder: no cache
+        build_onnx(checkpoint_path, onnx_path)
+    return onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
 
 
 class ColaPredictor:
-    """A trained CoLA classifier: `ColaPredictor("best.ckpt").predict(["Him sat bench."])`."""
+    """A trained CoLA classifier: `ColaPredictor("best.ckpt").predict(["Him sat bench."])`.
 
-    def __init__(self, checkpoint_path: str | Path, device: Optional[str] = None) -> None:
-        path = Path(checkpoint_path)
-        if path.is_dir():  # a run folder
-            path = best_checkpoint_of_run(path) or path / "checkpoints" / "last.ckpt"
-        checkpoint = load_checkpoint(path)
-        if not {"hf_config", "tokenizer_files", "state_dict"} <= checkpoint.keys():
-            raise InputError(f"{path}: not a checkpoint of this project (no model config or tokenizer inside)")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        config = AutoConfig.for_model(**checkpoint["hf_config"])
-        # Truncate as in training, and never past the model's position embeddings.
-        trained_max_length = checkpoint.get("datamodule_hyper_parameters", {}).get("max_length", 128)
-        self.max_length = min(trained_max_length, getattr(config, "max_position_embeddings", trained_max_length))
-        weights = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-        model_class = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]  # e.g. BertForSequenceClassification
-        self.model = model_class.from_pretrained(None, config=config, state_dict=weights)
-        self.model.to(self.device).eval()
-        with tempfile.TemporaryDirectory() as tmp:
-            for name, text in checkpoint["tokenizer_files"].items():
-                (Path(tmp) / name).write_text(text, encoding="utf-8")
-            self.tokenizer = AutoTokenizer.from_pretrained(tmp)
-        self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+    backend "onnx" (default) runs the cached ONNX export on CPU with ONNX Runtime; "torch" runs the
+    checkpoint in PyTorch, on the GPU when there is one.
+    """
 
-    @torch.inference_mode()
+    def __init__(self, checkpoint_path: str | Path, backend: str = "onnx") -> None:
+        path = resolve_checkpoint(Path(checkpoint_path))
+        if backend == "onnx":
+            session = onnx_session(path)
+            facts = session.get_modelmeta().custom_metadata_map
+            self.input_names = [i.name for i in session.get_inputs()]
+            self._logits: Callable[[dict], np.ndarray] = lambda inputs: session.run(["logits"], inputs)[0]
+        else:
+            checkpoint = load_checkpoint(path)
+            facts = model_facts(checkpoint)
+            model, tokenizer = load_torch_model(checkpoint)
+            self.input_names = tokenizer.model_input_names
+            self._logits = torch_logits_function(model)
+        self.labels = facts["labels"] if isinstance(facts["labels"], list) else json.loads(facts["labels"])
+        self.max_length = int(facts["max_length"])
+        self.pad_token_id = int(facts["pad_token_id"])
+        self.tokenizer = Tokenizer.from_str(facts["tokenizer"])
+        self.tokenizer.enable_truncation(self.max_length)
+        self.tokenizer.no_padding()
+
     def predict(self, sentences: list[str], batch_size: int = BATCH_SIZE, progress: bool = False) -> list[dict]:
         """One result per sentence, in order: {"sentence", "label", "probabilities": {label: p}},
         or {"sentence", "error"} for an empty sentence."""
         results: list[dict] = [{"sentence": s, "error": "empty sentence"} for s in sentences]
         todo = [i for i, s in enumerate(sentences) if s.strip()]
-        lengths = [len(ids) for ids in self.tokenizer([sentences[i] for i in todo])["input_ids"]] if todo else []
-        truncated = sum(n > self.max_length for n in lengths)
+        encodings = dict(zip(todo, self.tokenizer.encode_batch([sentences[i] for i in todo])))
+        truncated = sum(bool(e.overflowing) for e in encodings.values())
         if truncated:
             print(f"warning: {truncated} sentence(s) longer than {self.max_length} tokens were truncated", file=sys.stderr)
-        # Similar lengths share a batch, so dynamic padding adds few pad tokens.
-        todo = [i for _, i in sorted(zip(lengths, todo))]
+        # Similar lengths share a batch, so padding each batch to its longest sentence adds little.
+        todo.sort(key=lambda i: len(encodings[i].ids))
         batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
         for batch in progress_bar(batches, enabled=progress):
-            encoded = self.tokenizer(
-                [sentences[i] for i in batch], truncation=True, max_length=self.max_length, padding=True, return_tensors="pt"
-            ).to(self.device)
-            probabilities = self.model(**encoded).logits.float().softmax(dim=-1).cpu()
+            logits = self._logits(self._pad([encodings[i] for i in batch])).astype(np.float64)
+            probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+            probabilities /= probabilities.sum(axis=1, keepdims=True)
             for i, probs in zip(batch, probabilities.tolist()):
-                best = max(range(len(probs)), key=probs.__getitem__)
                 results[i] = {
                     "sentence": sentences[i],
-                    "label": self.labels[best],
+                    "label": self.labels[int(np.argmax(probs))],
                     "probabilities": dict(zip(self.labels, probs)),
                 }
         return results
 
-    def export(self, out_dir: str | Path) -> None:
-        """A Hugging Face model folder: `pipeline("text-classification", model=out_dir)` loads it offline."""
-        self.model.save_pretrained(out_dir)
-        self.tokenizer.save_pretrained(out_dir)
+    def _pad(self, encodings: list) -> dict[str, np.ndarray]:
+        width = max(len(e.ids) for e in encodings)
+        arrays = {
+            "input_ids": np.full((len(encodings), width), self.pad_token_id, dtype=np.int64),
+            "attention_mask": np.zeros((len(encodings), width), dtype=np.int64),
+            "token_type_ids": np.zeros((len(encodings), width), dtype=np.int64),
+        }
+        for row, e in enumerate(encodings):
+            n = len(e.ids)
+            arrays["input_ids"][row, :n], arrays["attention_mask"][row, :n] = e.ids, 1
+            arrays["token_type_ids"][row, :n] = e.type_ids
+        return {name: arrays[name] for name in self.input_names}
+
+
+def torch_logits_function(model) -> Callable[[dict], np.ndarray]:
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+
+    @torch.inference_mode()
+    def logits(inputs: dict) -> np.ndarray:
+        return model(**{k: torch.from_numpy(v).to(device) for k, v in inputs.items()}).logits.float().cpu().numpy()
+
+    return logits
+
+
+def export_hf(checkpoint_path: Path, out_dir: str) -> None:
+    """A Hugging Face model folder: `pipeline("text-classification", model=out_dir)` loads it offline."""
+    model, tokenizer = load_torch_model(load_checkpoint(resolve_checkpoint(checkpoint_path)))
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
 
 
 def progress_bar(batches: list, enabled: bool):
     if not enabled or len(batches) < 20:
         return batches
-    from tqdm import tqdm  # only for long inputs: a progress bar costs start-up time
+    from tqdm import tqdm  # only for long inputs: it costs start-up time
 
     return tqdm(batches, desc="Predicting", unit="batch", file=sys.stderr)
 
@@ -168,21 +285,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sentences", nargs="*", help="sentences to classify; '-' reads them from standard input")
     parser.add_argument("--file", help="a UTF-8 text file, one sentence per line")
-    parser.add_argument("--checkpoint", help="a .ckpt file or a run folder (default: best of the latest run)")
+    parser.add_argument("--checkpoint", type=Path, help="a .ckpt file or a run folder (default: best of the latest run)")
     parser.add_argument("--json", action="store_true", help="one JSON object per input line")
     parser.add_argument("--batch_size", type=int, default=BATCH_SIZE)
+    parser.add_argument("--backend", choices=["onnx", "torch"], default="onnx", help="torch uses the GPU if present")
     parser.add_argument("--export", metavar="DIR", help="write a Hugging Face model folder to DIR and exit")
     args = parser.parse_args()
-    transformers_logging.disable_progress_bar()  # "Loading weights" bars are noise on a command line
     if not (args.sentences or args.file or args.export):
         parser.error("give sentences, '-' for standard input, --file PATH, or --export DIR")
 
-    sentences = [] if args.export else read_sentences(args)  # bad input fails before the model loads
-    predictor = ColaPredictor(args.checkpoint or find_best_checkpoint())
+    checkpoint = args.checkpoint or find_best_checkpoint()
     if args.export:
-        predictor.export(args.export)
+        export_hf(checkpoint, args.export)
         print(f"Exported to {args.export}: pipeline('text-classification', model='{args.export}')")
         return
+    sentences = read_sentences(args)  # bad input fails before the model loads
+    predictor = ColaPredictor(checkpoint, backend=args.backend)
     print_results(predictor.predict(sentences, args.batch_size, progress=True), args.json)
 
 

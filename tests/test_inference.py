@@ -1,4 +1,5 @@
 import json
+import os
 import pickle
 import shutil
 import subprocess
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from inference import ColaPredictor, InputError, find_best_checkpoint
+from inference import ColaPredictor, InputError, export_hf, find_best_checkpoint
 
 SENTENCES = ["The dog sat on the mat.", "Mat the on sat dog the.", "A big cat ran quickly under the bench."]
 
@@ -58,6 +59,24 @@ def test_matches_the_trained_lightning_module(best_checkpoint, predictor, tiny_d
         expected = module.model(**encoded).logits.softmax(-1)[:, 1]
     got = torch.tensor([r["probabilities"]["acceptable"] for r in predictor.predict(SENTENCES)])
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_onnx_export_is_cached_and_matches_pytorch(best_checkpoint, predictor, tmp_path):
+    onnx_file = best_checkpoint.with_suffix(".onnx")
+    built_at = onnx_file.stat().st_mtime_ns
+    onnx_results = ColaPredictor(best_checkpoint).predict(SENTENCES)
+    assert onnx_file.stat().st_mtime_ns == built_at  # reused, not rebuilt
+    torch_results = ColaPredictor(best_checkpoint, backend="torch").predict(SENTENCES)
+    for a, b in zip(onnx_results, torch_results):
+        assert a["label"] == b["label"]
+        assert a["probabilities"]["acceptable"] == pytest.approx(b["probabilities"]["acceptable"], abs=1e-4)
+    # A checkpoint newer than its export (the run went on) gets a fresh export.
+    copy = tmp_path / best_checkpoint.name
+    shutil.copy(onnx_file, copy.with_suffix(".onnx"))
+    shutil.copy(best_checkpoint, copy)
+    os.utime(copy.with_suffix(".onnx"), ns=(built_at - 10**9, built_at - 10**9))
+    ColaPredictor(copy)
+    assert copy.with_suffix(".onnx").stat().st_mtime > copy.stat().st_mtime
 
 
 def test_cli_arguments_file_and_stdin_agree(trained, tmp_path):
@@ -113,10 +132,10 @@ def test_discovery_picks_the_best_checkpoint_of_the_latest_run(trained, tmp_path
     assert ColaPredictor(runs / "version_1").predict([SENTENCES[0]]) == [json.loads(result.stdout)]
 
 
-def test_export_round_trip_through_pipeline(predictor, tmp_path):
+def test_export_round_trip_through_pipeline(best_checkpoint, predictor, tmp_path):
     from transformers import pipeline
 
-    predictor.export(tmp_path / "export")
+    export_hf(best_checkpoint, str(tmp_path / "export"))
     classifier = pipeline("text-classification", model=str(tmp_path / "export"), top_k=None, device="cpu")
     for ours, theirs in zip(predictor.predict(SENTENCES), classifier(SENTENCES)):
         scores = {s["label"]: s["score"] for s in theirs}
