@@ -94,7 +94,8 @@ class ColaModel(pl.LightningModule):
             if isinstance(logger, TensorBoardLogger):
                 fig, _ = self.val_confusion.plot(confusion, labels=list(LABEL_NAMES))
                 logger.experiment.add_figure("val/confusion_matrix", fig, self.current_epoch)
-                fig, _ = self.val_pr_curve.plot(pr_curve)
+                fig, ax = self.val_pr_curve.plot(pr_curve)
+                ax.set_title("Precision-recall, positive class: acceptable")
                 logger.experiment.add_figure("val/precision_recall_curve", fig, self.current_epoch)
 
     def configure_optimizers(self) -> dict:

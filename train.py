@@ -75,6 +75,7 @@ def report(trainer: Trainer, datamodule: ColaDataModule, timer: Timer) -> None:
     run_dir = Path(trainer.logger.log_dir)
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     hparams = {**trainer.lightning_module.hparams, **datamodule.hparams, "max_epochs": trainer.max_epochs}
+    hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}  # drop LightningCLI's bookkeeping
     trainer.logger.log_hyperparams(hparams, metrics={"hp/best_val_mcc": best_mcc})
     print(f"\nBest val_mcc {best_mcc:.4f}: {checkpoint.best_model_path}")
     print(f"Run folder (metrics.json, TensorBoard): {run_dir}")

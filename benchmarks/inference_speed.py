@@ -5,10 +5,12 @@
 
 Cold start is process start to printed answer, median of --repeats runs, against the seed approach
 (`ColaModel.load_from_checkpoint`, which imports Lightning and rebuilds the tokenizer from the original
-model). Throughput is sentences/s of `ColaPredictor.predict` on the file against a one-sentence loop.
+model). Throughput is sentences/s of `ColaPredictor.predict` on the whole file, batched, against
+calling it one sentence at a time, with the ONNX Runtime and the PyTorch backends.
 """
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -56,25 +58,28 @@ def main() -> None:
 
     lines = Path(args.sentences).read_text(encoding="utf-8").splitlines()
     sentences = [line.split("\t")[3] if line.count("\t") == 3 else line for line in lines]
-    predictor = ColaPredictor(args.checkpoint)
-    predictor.predict(sentences[:64])  # warm-up
-    start = time.perf_counter()
-    predictor.predict(sentences)
-    batched = len(sentences) / (time.perf_counter() - start)
-    start = time.perf_counter()
-    for sentence in sentences[: args.loop_limit]:
-        predictor.predict([sentence])
-    looped = min(len(sentences), args.loop_limit) / (time.perf_counter() - start)
+    rates = {}
+    for backend in ("onnx", "torch"):
+        predictor = ColaPredictor(args.checkpoint, backend=backend)
+        predictor.predict(sentences[:64])  # warm-up
+        start = time.perf_counter()
+        predictor.predict(sentences)
+        rates[f"batched, {backend}"] = len(sentences) / (time.perf_counter() - start)
+        start = time.perf_counter()
+        for sentence in sentences[: args.loop_limit]:
+            predictor.predict([sentence])
+        rates[f"one at a time, {backend}"] = min(len(sentences), args.loop_limit) / (time.perf_counter() - start)
 
-    print(f"machine: {torch.get_num_threads()} torch threads, torch {torch.__version__}")
-    print(f"{'measure':<44} {'value':>10}")
-    print(f"{'cold start, inference.py (s, median)':<44} {ours:>10.2f}")
-    print(f"{'cold start, load_from_checkpoint (s, median)':<44} {seed:>10.2f}")
-    print(f"{'cold start ratio (ours / seed)':<44} {ours / seed:>10.2f}")
-    print(f"{'batched, sentences/s':<44} {batched:>10.1f}")
-    print(f"{'one at a time, sentences/s':<44} {looped:>10.1f}")
-    print(f"{'batched / one at a time':<44} {batched / looped:>10.1f}")
-
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(f"{'measure':<48} {'value':>8}")
+    print(f"{'cold start, inference.py (s, median)':<48} {ours:>8.2f}")
+    print(f"{'cold start, load_from_checkpoint (s, median)':<48} {seed:>8.2f}")
+    print(f"{'cold start ratio (ours / seed)':<48} {ours / seed:>8.2f}")
+    for name, rate in rates.items():
+        print(f"{name + ', sentences/s':<48} {rate:>8.1f}")
+    for loop in ("onnx", "torch"):
+        ratio = rates["batched, onnx"] / rates[f"one at a time, {loop}"]
+        print(f"{'batched onnx / one at a time ' + loop:<48} {ratio:>8.1f}")
 
 if __name__ == "__main__":
     main()
