@@ -1,7 +1,15 @@
 import pytest
 import torch
 
-from data import ColaDataModule, DataError, LengthGroupedSampler, load_local_cola, read_glue_tsv
+from data import (
+    ColaDataModule,
+    DataError,
+    LengthGroupedSampler,
+    ResumableDataLoader,
+    ShuffleSampler,
+    load_local_cola,
+    read_glue_tsv,
+)
 
 
 def test_reads_glue_layout_keeping_quotes(tmp_path):
@@ -83,7 +91,9 @@ def test_truncation_is_applied_and_reported(tiny_model_dir, tiny_data_dir, capsy
 def test_training_batches_are_shuffled_validation_is_not(tiny_model_dir, tiny_data_dir):
     datamodule = make_datamodule(tiny_model_dir, tiny_data_dir, batch_size=48, group_by_length=False)
     loader = datamodule.train_dataloader()
-    first, second = (next(iter(loader))["input_ids"][:, 1] for _ in range(2))  # two epochs
+    first = next(iter(loader))["input_ids"][:, 1]
+    loader.sampler.set_epoch(1)  # as Lightning does before every epoch
+    second = next(iter(loader))["input_ids"][:, 1]
     assert not torch.equal(first, second)
     labels = torch.cat([b["labels"] for b in datamodule.val_dataloader()])
     assert labels.tolist() == [row["label"] for row in read_glue_tsv(tiny_data_dir / "dev.tsv")]
@@ -93,7 +103,10 @@ def test_length_grouped_sampler_groups_lengths_and_shuffles_batches():
     generator = torch.Generator().manual_seed(0)
     lengths = torch.randint(5, 60, (1000,), generator=generator).tolist()
     sampler = LengthGroupedSampler(lengths, group_size=10, seed=0)
-    epochs = [list(sampler) for _ in range(2)]
+    epochs = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        epochs.append(list(sampler))
     for order in epochs:
         assert sorted(order) == list(range(1000))  # every sentence exactly once per epoch
         batches = [order[i : i + 10] for i in range(0, 1000, 10)]
@@ -113,3 +126,32 @@ def test_length_grouped_sampler_under_ddp_gives_each_process_a_share_of_each_gro
         shard = order[rank::2]  # how Lightning's DistributedSamplerWrapper deals indices to 2 processes
         for k in range(62):
             assert set(shard[8 * k : 8 * k + 8]) <= groups[k]  # batch k of each process comes from group k
+
+
+@pytest.mark.parametrize("make_sampler", [lambda seed: ShuffleSampler(100, seed), lambda seed: LengthGroupedSampler([i % 7 for i in range(100)], 8, seed)])
+def test_sampler_order_depends_only_on_seed_and_epoch(make_sampler):
+    # What lets a resumed run see the interrupted epoch's batches in the same order: no state carried over.
+    sampler = make_sampler(3)
+    orders = []
+    for epoch in (0, 1, 0):
+        sampler.set_epoch(epoch)
+        orders.append(list(sampler))
+    assert orders[0] == orders[2] != orders[1]
+    fresh = make_sampler(3)
+    fresh.set_epoch(1)
+    assert list(fresh) == orders[1]
+    assert sorted(orders[1]) == list(range(100))
+    assert list(make_sampler(4)) != orders[0]
+
+
+def test_resumable_loader_skips_the_batches_already_done():
+    data = list(range(20))
+    full = [batch.tolist() for batch in ResumableDataLoader(data, batch_size=3)]
+    done = [2]
+    loader = ResumableDataLoader(data, batch_size=3, batches_done=lambda: done[0])
+    iterator = iter(loader)
+    done[0] = 4  # asked at the first batch, not at iter(): Lightning restores its progress in between
+    assert [batch.tolist() for batch in iterator] == full[4:]
+    done[0] = 0
+    assert [batch.tolist() for batch in loader] == full
+    assert len(loader) == len(full) == 7  # the epoch's length stays whole: Lightning counts the done batches itself
