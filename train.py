@@ -293,6 +293,9 @@ def run(args: Optional[list[str]] = None) -> None:
         if rank_zero_only.rank == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C before training started (during it, StopOnCtrlC and Lightning handle it)
+        print("\ninterrupted before training started: nothing to save", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

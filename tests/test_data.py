@@ -1,3 +1,4 @@
+import datasets
 import pytest
 import torch
 
@@ -155,3 +156,73 @@ def test_resumable_loader_skips_the_batches_already_done():
     done[0] = 0
     assert [batch.tolist() for batch in loader] == full
     assert len(loader) == len(full) == 7  # the epoch's length stays whole: Lightning counts the done batches itself
+
+
+# Property-based: whatever the file holds, reading it gives the rows or one DataError, never another exception.
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Sentences: any text without tab or line breaks, quotes of every kind especially; sometimes very long.
+QUOTES = "\"'`\u201c\u201d\u2018\u2019\u00ab\u00bb"
+sentence_text = st.text(st.characters(blacklist_characters="\t\n\r") | st.sampled_from(QUOTES), min_size=1, max_size=60)
+sentences = (sentence_text | st.builds(lambda s, n: s * n, sentence_text, st.integers(100, 2000))).filter(str.strip)
+columns = st.text(st.characters(blacklist_characters="\t\n\r"), max_size=8)  # the source and star columns
+rows = st.lists(st.tuples(columns, st.sampled_from("01"), columns, sentences), max_size=8)
+
+
+def read_or_data_error(path):
+    try:
+        return list(read_glue_tsv(path))
+    except DataError as error:
+        assert "\n" not in str(error) and str(error).startswith(str(path))
+        return None
+
+
+def tsv_bytes(table, line_end="\n", final_line_end=True, encoding="utf-8") -> bytes:
+    text = line_end.join("\t".join(row) for row in table) + (line_end if final_line_end and table else "")
+    return text.encode(encoding)
+
+
+@PROPERTY_SETTINGS
+@given(data=st.binary(max_size=400) | st.builds(tsv_bytes, rows) | st.lists(st.sampled_from(
+    [b"src\t1\t\tA dog.", b"\t", b"\n", b"\r\n", b"\r", b'"', b"'", b"\xff", b"\xe9", b"\xef\xbb\xbf", b"0", b"1", b" ", b"\x00"]
+), max_size=40).map(b"".join))
+def test_any_bytes_give_rows_or_one_data_error(tmp_path, data):
+    path = tmp_path / "train.tsv"
+    path.write_bytes(data)
+    result = read_or_data_error(path)
+    if result is not None:
+        assert result and all(row["label"] in (0, 1) and row["sentence"].strip() for row in result)
+
+
+@PROPERTY_SETTINGS
+@given(table=rows, line_end=st.sampled_from(["\n", "\r\n"]), final_line_end=st.booleans(),
+       encoding=st.sampled_from(["utf-8", "utf-8", "utf-16", "latin-1", "cp1252"]))
+def test_well_formed_files_load_exactly_quotes_and_all(tmp_path, table, line_end, final_line_end, encoding):
+    try:
+        data = tsv_bytes(table, line_end, final_line_end, encoding)
+    except UnicodeEncodeError:
+        assume(False)  # text this encoding cannot hold
+    path = tmp_path / "train.tsv"
+    path.write_bytes(data)
+    result = read_or_data_error(path)
+    if data == tsv_bytes(table, line_end, final_line_end):  # what was written is UTF-8
+        expected = [{"sentence": sentence, "label": int(label)} for _, label, _, sentence in table]
+        assert result == (expected or None)  # an empty file is a DataError
+    elif encoding == "utf-16":
+        assert result is None  # its byte-order mark is not UTF-8
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.builds(tsv_bytes, rows, st.sampled_from(["\n", "\r\n"])) | st.binary(max_size=200))
+def test_local_cola_loads_what_the_reader_reads_or_one_data_error(tmp_path, monkeypatch, data):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))  # not the user's cache
+    (tmp_path / "train.tsv").write_bytes(data)
+    expected = read_or_data_error(tmp_path / "train.tsv")
+    try:
+        loaded = load_local_cola(tmp_path, "train")
+    except DataError:
+        assert expected is None
+    else:
+        assert loaded.to_list() == expected
