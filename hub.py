@@ -23,7 +23,9 @@ class HubError(Exception):
 
 
 def _chain(error: BaseException) -> Iterator[BaseException]:
-    while error is not None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
         yield error
         error = error.__cause__ or error.__context__
 
@@ -44,7 +46,8 @@ def explain_hub_errors(kind: str, name: str) -> Iterator[None]:
             reason = "is neither a local folder nor a valid Hub id (namespace/name)"
         elif any(isinstance(e, (RepositoryNotFoundError, datasets.exceptions.DatasetNotFoundError)) for e in causes):
             # The Hub answers "not found" for private and gated repositories too, unless logged in.
-            reason = "is not on the Hugging Face Hub: check the id (private or gated ones need `hf auth login`)"
+            where = "not on" if kind == "dataset" else "neither a local folder nor on"
+            reason = f"is {where} the Hugging Face Hub: check the id (private or gated ones need `hf auth login`)"
         elif any(isinstance(e, (LocalEntryNotFoundError, ConnectionError)) for e in causes):
             if _offline():
                 reason = "is not in the local cache, and HF_HUB_OFFLINE is set, so it cannot be downloaded"

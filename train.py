@@ -17,9 +17,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
+import fsspec
 import torch
 from jsonargparse import Namespace
-from lightning_fabric.utilities.cloud_io import _is_local_file_protocol
 from pytorch_lightning import Callback, Trainer
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, ThroughputMonitor, Timer
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
@@ -53,7 +53,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Optional[Any] = None) -> None:
-        if not _is_local_file_protocol(path):  # s3:// and the like: Lightning's fsspec upload
+        if fsspec.utils.get_protocol(str(path)) != "file":  # s3:// and the like: Lightning's fsspec upload
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,7 +180,7 @@ class ColaCLI(LightningCLI):
                 "checkpoint.mode": "max",
                 "checkpoint.save_last": True,
                 "checkpoint.filename": "best-{epoch}-{val_mcc:.4f}",
-                # Overwrite, never add -v1 copies: last.ckpt has two writers, and a resumed run rewrites
+                # Overwrite, never add -v1 copies: last.ckpt has several writers, and a resumed run rewrites
                 # the same best checkpoint when it redoes the validation an interrupted run had done.
                 "checkpoint.enable_version_counter": False,
             }
@@ -245,18 +245,18 @@ def report(trainer: Trainer, datamodule: ColaDataModule, timer: Timer) -> None:
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     hparams = {**trainer.lightning_module.hparams, **datamodule.hparams, "max_epochs": trainer.max_epochs}
     trainer.logger.log_hyperparams(hparams, metrics={"hp/best_val_mcc": best_mcc})
+    trainer.logger.finalize("success")  # fit had closed the event file; logging reopened it: flush and close
     print(f"\nBest val_mcc {best_mcc:.4f}: {checkpoint.best_model_path}")
     print(f"Run folder (metrics.json, TensorBoard): {run_dir}")
     print(f'Next: python inference.py --checkpoint {checkpoint.best_model_path} "The boy is sitting on a bench."')
 
 
-def main(args: Optional[list[str]] = None) -> None:
+def main() -> None:
     timer = Timer()
     cli = ColaCLI(
         ColaModel,
         ColaDataModule,
         run=False,
-        args=args,
         seed_everything_default=42,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
@@ -284,11 +284,11 @@ def main(args: Optional[list[str]] = None) -> None:
         report(cli.trainer, cli.datamodule, timer)
 
 
-def run(args: Optional[list[str]] = None) -> None:
+def run() -> None:
     """main() as a command: a problem with the user's data, model id, network, checkpoint or learning rate
     is one line on stderr (once under DDP) and exit status 1, not a traceback."""
     try:
-        main(args)
+        main()
     except (DataError, HubError, CheckpointError, NonFiniteLossError) as e:
         if rank_zero_only.rank == 0:
             print(f"error: {e}", file=sys.stderr)

@@ -53,7 +53,7 @@ def test_batching_and_padding_do_not_change_probabilities(predictor):
 def test_matches_the_trained_lightning_module(best_checkpoint, predictor, tiny_data_dir):
     from model import ColaModel
 
-    module = ColaModel.load_from_checkpoint(best_checkpoint, map_location="cpu", weights_only=False).eval()
+    module = ColaModel.load_from_checkpoint(best_checkpoint, map_location="cpu", weights_only=True).eval()
     encoded = module.tokenizer(SENTENCES, padding=True, return_tensors="pt")
     with torch.no_grad():
         expected = module.model(**encoded).logits.softmax(-1)[:, 1]

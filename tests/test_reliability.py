@@ -197,6 +197,26 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_best_checkpoint(fault
     assert not (faults.nan_dir / "metrics.json").exists()
 
 
+def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "best.ckpt"
+    io_plugin = train.AtomicCheckpointIO()
+    io_plugin.save_checkpoint({"step": 1}, path)
+
+    def dies_half_way(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # as good as a kill for what is on disk: no rename happens
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        io_plugin.save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert (tmp_path / "checkpoints" / "best.ckpt.partial").read_bytes() == b"half a checkpoint"
+    io_plugin.save_checkpoint({"step": 3}, path)
+    assert torch.load(path, weights_only=True) == {"step": 3}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["best.ckpt"]  # the next save reuses the .partial
+
+
 def test_run_folders_are_claimed_atomically(tmp_path):
     # Many claims at once (threads stand in for processes: os.mkdir is what decides), none shared.
     barrier, claimed = threading.Barrier(8), []
@@ -213,22 +233,10 @@ def test_run_folders_are_claimed_atomically(tmp_path):
     assert sorted(claimed, key=lambda v: int(v[8:])) == [f"version_{i}" for i in range(8)]
 
 
-def run_cli(args: list[str], capsys) -> str:
-    """train.run(ARGS) in this process; its one stderr line, checking there is no traceback."""
-    with pytest.raises(SystemExit) as exit_info:
-        train.run(["--trainer.enable_progress_bar", "false", *args])
-    assert exit_info.value.code == 1
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err.strip().splitlines()[-1]
-
-
-@pytest.fixture
-def in_tmp_folder(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # logs/ goes there
-    monkeypatch.delenv(train.RUN_VERSION_ENV, raising=False)
-    yield tmp_path
-    os.environ.pop(train.RUN_VERSION_ENV, None)
+def one_line_error(result: SimpleNamespace) -> str:
+    """The line with which a run failed: the last on stderr, with no traceback."""
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result.stderr.strip().splitlines()[-1]
 
 
 class Exploit:
@@ -246,10 +254,10 @@ class Exploit:
         ("weights-only", "holds model weights only, no training state to resume from"),
     ],
 )
-def test_resuming_from_a_bad_checkpoint_is_refused_in_one_line(trained, in_tmp_folder, capsys, tiny_model_dir, tiny_data_dir, kind, message):
+def test_resuming_from_a_bad_checkpoint_is_refused_in_one_line(trained, tmp_path, tiny_model_dir, tiny_data_dir, kind, message):
     workdir, _ = trained
     good = torch.load(workdir / "logs/cola/version_0/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
-    path = in_tmp_folder / "bad.ckpt"
+    path = tmp_path / "bad.ckpt"
     if kind == "truncated":
         data = (workdir / "logs/cola/version_0/checkpoints/last.ckpt").read_bytes()
         path.write_bytes(data[: len(data) // 2])
@@ -259,15 +267,20 @@ def test_resuming_from_a_bad_checkpoint_is_refused_in_one_line(trained, in_tmp_f
         torch.save({"state_dict": good["state_dict"], "loops": good["loops"]}, path)
     elif kind == "weights-only":
         torch.save({k: v for k, v in good.items() if k not in ("loops", "optimizer_states")}, path)
-    line = run_cli([*tiny_train_args(tiny_model_dir, tiny_data_dir), "--ckpt_path", str(path)], capsys)
+    result = train_in_process(tmp_path, [*tiny_train_args(tiny_model_dir, tiny_data_dir), "--ckpt_path", str(path)])
+    line = one_line_error(result)
     assert line.startswith(f"error: {path}: {message}"), line
-    assert "pwned" not in capsys.readouterr().out
+    assert "pwned" not in result.stdout
+    assert not (tmp_path / "logs").exists()  # refused before anything started
 
 
-def test_model_not_in_cache_while_offline_is_one_line_that_says_how_to_run_offline(in_tmp_folder, capsys, tiny_data_dir):
-    line = run_cli(["--model.model_name_or_path", "no-such-org/no-such-model", "--data.data_dir", str(tiny_data_dir)], capsys)
+def test_model_not_in_cache_while_offline_is_one_line_that_says_how_to_run_offline(tmp_path, tiny_data_dir):
+    args = ["--model.model_name_or_path", "no-such-org/no-such-model", "--data.data_dir", str(tiny_data_dir)]
+    line = one_line_error(train_in_process(tmp_path, args))
     assert line.startswith("error: model 'no-such-org/no-such-model' is not in the local cache, and HF_HUB_OFFLINE is set")
     assert "--model.model_name_or_path DIR" in line and "--data.data_dir DIR" in line
+    # The run had claimed its folder up front, before loading anything (the logger picks one much later).
+    assert [d.name for d in (tmp_path / "logs/cola").iterdir()] == ["version_0"]
 
 
 def test_hub_errors_name_what_failed(tmp_path, tiny_model_dir):
@@ -327,13 +340,16 @@ def test_unreachable_hub_and_wrong_ids_are_told_apart():
         outputs = {hub: probe.communicate(timeout=300) for hub, probe in probes.items()}
     finally:
         not_found.shutdown()
-    reasons = {
-        "unreachable": "could not be downloaded: the Hugging Face Hub is unreachable (no network?)",
-        "not-found": "is not on the Hugging Face Hub: check the id",
+    unreachable = "could not be downloaded: the Hugging Face Hub is unreachable (no network?)"
+    expected = {
+        "unreachable": (f"model 'no-such-org/no-such-model' {unreachable}", f"dataset 'nyu-mll/glue' {unreachable}"),
+        "not-found": (
+            "model 'no-such-org/no-such-model' is neither a local folder nor on the Hugging Face Hub: check the id",
+            "dataset 'nyu-mll/glue' is not on the Hugging Face Hub: check the id",
+        ),
     }
     for hub, (out, err) in outputs.items():
         lines = out.splitlines()
         assert len(lines) == 2, out + err[-3000:]
-        assert lines[0].startswith(f"model 'no-such-org/no-such-model' {reasons[hub]}")
-        assert lines[1].startswith(f"dataset 'nyu-mll/glue' {reasons[hub]}")
+        assert lines[0].startswith(expected[hub][0]) and lines[1].startswith(expected[hub][1]), lines
         assert all("--data.data_dir DIR" in line for line in lines)
