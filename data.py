@@ -2,13 +2,15 @@
 
 import hashlib
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import datasets
 import torch
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Sampler
 from transformers import AutoTokenizer, DataCollatorWithPadding
+
+from hub import explain_hub_errors
 
 HUB_DATASET = ("nyu-mll/glue", "cola")
 SPLIT_FILES = {"train": "train.tsv", "validation": "dev.tsv"}  # GLUE names the validation file dev.tsv
@@ -24,9 +26,14 @@ def read_glue_tsv(path: Path) -> Iterator[dict]:
     """Yield {"sentence", "label"} rows of a GLUE CoLA file (source, label, star, sentence; no header).
 
     Parsed by hand rather than as CSV: CoLA sentences contain quote characters that a CSV reader
-    would take as quoting. Any malformed line raises DataError naming the file and line.
+    would take as quoting. Any malformed line, or an empty file, raises DataError naming the file and line.
     """
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    line_no = 0
+    with f:
         for line_no, raw in enumerate(f, start=1):
             where = f"{path}:{line_no}"
             try:
@@ -44,11 +51,16 @@ def read_glue_tsv(path: Path) -> Iterator[dict]:
             if not sentence.strip():
                 raise DataError(f"{where}: empty sentence")
             yield {"sentence": sentence, "label": int(label)}
+    if line_no == 0:
+        raise DataError(f"{path}: empty file")
 
 
 def _file_digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
 
 
 def load_local_cola(data_dir: Path, split: str) -> datasets.Dataset:
@@ -69,7 +81,31 @@ def load_local_cola(data_dir: Path, split: str) -> datasets.Dataset:
         raise
 
 
-class LengthGroupedSampler(Sampler[int]):
+class ShuffleSampler(Sampler[int]):
+    """A uniformly random order of n items that depends only on (seed, epoch).
+
+    A resumed run must see the interrupted epoch's batches in the same order, so the order cannot come from a
+    generator that carries state from epoch to epoch. Lightning calls set_epoch() before every epoch (under
+    DDP through its DistributedSamplerWrapper, which then deals the indices out to the processes).
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed + self.epoch)  # as torch's DistributedSampler seeds
+
+    def __iter__(self) -> Iterator[int]:
+        yield from torch.randperm(self.n, generator=self._generator()).tolist()
+
+
+class LengthGroupedSampler(ShuffleSampler):
     """Random batches of sentences of similar length, so that dynamic padding adds few pad tokens.
 
     Each epoch: shuffle all sentences, sort each window of 50 groups by length, cut it into groups,
@@ -78,14 +114,12 @@ class LengthGroupedSampler(Sampler[int]):
     """
 
     def __init__(self, lengths: list[int], group_size: int, seed: int) -> None:
+        super().__init__(len(lengths), seed)  # same seed on every DDP process: same order
         self.lengths, self.group_size = lengths, group_size
-        self.generator = torch.Generator().manual_seed(seed)  # same seed on every DDP process: same order
-
-    def __len__(self) -> int:
-        return len(self.lengths)
 
     def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        generator = self._generator()
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
         window = 50 * self.group_size
         groups = []
         for start in range(0, len(order), window):
@@ -93,8 +127,36 @@ class LengthGroupedSampler(Sampler[int]):
             groups += [by_length[i : i + self.group_size] for i in range(0, len(by_length), self.group_size)]
         # A short group stays last: in the middle it would shift every later batch off its group.
         last = [groups.pop()] if len(groups[-1]) < self.group_size else []
-        for group in [groups[i] for i in torch.randperm(len(groups), generator=self.generator)] + last:
+        for group in [groups[i] for i in torch.randperm(len(groups), generator=generator)] + last:
             yield from group
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that, in a run resumed mid-epoch, starts at the batch where the interrupted run stopped.
+
+    batches_done() says how many batches of the current epoch were already trained on; it is asked at the
+    epoch's first batch, when Lightning has restored its progress from the checkpoint. The skipped batches
+    are loaded and dropped (cheap next to training on them); the sampler must give the same order again
+    (ShuffleSampler does). Under DDP Lightning rebuilds this class with its distributed sampler, and each
+    process skips as many of its own batches.
+
+    (Lightning's own mechanism, a DataLoader with state_dict()/load_state_dict(), is silently skipped in
+    Lightning 2.6 when configure_optimizers reads trainer.estimated_stepping_batches, as ColaModel's does:
+    that sets up the training DataLoader before the checkpoint is restored, and it is never set up again.)
+    """
+
+    def __init__(self, *args, batches_done: Callable[[], int] = lambda: 0, **kwargs) -> None:
+        # Its own generator (which only seeds worker processes): iterating must not draw from the global one,
+        # whose state a checkpoint saves and restores for dropout (see ColaModel.on_save_checkpoint).
+        kwargs.setdefault("generator", torch.Generator())
+        super().__init__(*args, **kwargs)
+        self.batches_done = batches_done
+
+    def __iter__(self) -> Iterator:
+        skip = self.batches_done()  # a generator: this runs at the first next(), not at iter()
+        for i, batch in enumerate(super().__iter__()):
+            if i >= skip:
+                yield batch
 
 
 class ColaDataModule(pl.LightningDataModule):
@@ -128,18 +190,23 @@ class ColaDataModule(pl.LightningDataModule):
     def _load_split(self, split: str) -> datasets.Dataset:
         if self.hparams.data_dir:
             return load_local_cola(Path(self.hparams.data_dir), split)
-        return datasets.load_dataset(*HUB_DATASET, split=split)
+        with explain_hub_errors("dataset", HUB_DATASET[0]):
+            return datasets.load_dataset(*HUB_DATASET, split=split)
+
+    def _load_tokenizer(self):
+        with explain_hub_errors("tokenizer", self.hparams.model_name_or_path):
+            return AutoTokenizer.from_pretrained(self.hparams.model_name_or_path)
 
     def prepare_data(self) -> None:
         # Runs on one process: fill the caches (Hub download, Arrow files, tokenizer), keep no state.
-        AutoTokenizer.from_pretrained(self.hparams.model_name_or_path)
+        self._load_tokenizer()
         for split in SPLIT_FILES:
             self._load_split(split)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.splits:
             return
-        self.tokenizer = AutoTokenizer.from_pretrained(self.hparams.model_name_or_path)
+        self.tokenizer = self._load_tokenizer()
         for split in SPLIT_FILES:
             self.splits[split] = self._tokenize(self._load_split(split), split)
 
@@ -160,11 +227,11 @@ class ColaDataModule(pl.LightningDataModule):
         dataset = dataset.rename_column("label", "labels")
         return dataset.select_columns([c for c in MODEL_INPUTS if c in dataset.column_names])
 
-    def _loader(self, split: str, shuffle: bool = False, sampler: Optional[Sampler] = None) -> DataLoader:
-        return DataLoader(
+    def _loader(self, split: str, sampler: Optional[Sampler] = None, loader_class: type = DataLoader, **kwargs) -> DataLoader:
+        return loader_class(
             self.splits[split],
+            **kwargs,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
             sampler=sampler,
             collate_fn=DataCollatorWithPadding(self.tokenizer),
             num_workers=self.hparams.num_workers,
@@ -173,12 +240,19 @@ class ColaDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        if not self.hparams.group_by_length:
-            return self._loader("train", shuffle=True)
-        lengths = [len(ids) for ids in self.splits["train"]["input_ids"]]
-        world_size = self.trainer.world_size if self.trainer else 1
-        sampler = LengthGroupedSampler(lengths, self.hparams.batch_size * world_size, seed=torch.initial_seed())
-        return self._loader("train", sampler=sampler)
+        seed = torch.initial_seed()  # seed_everything's seed, the same on every DDP process
+        if self.hparams.group_by_length:
+            lengths = [len(ids) for ids in self.splits["train"]["input_ids"]]
+            world_size = self.trainer.world_size if self.trainer else 1
+            sampler = LengthGroupedSampler(lengths, self.hparams.batch_size * world_size, seed)
+        else:
+            sampler = ShuffleSampler(len(self.splits["train"]), seed)
+        return self._loader("train", sampler, ResumableDataLoader, batches_done=self._batches_done_this_epoch)
+
+    def _batches_done_this_epoch(self) -> int:
+        # Training batches of the current epoch that Lightning counts as done: those of the interrupted
+        # run when resuming from a checkpoint saved mid-epoch, 0 at every epoch's start.
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready if self.trainer else 0
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("validation")

@@ -184,7 +184,18 @@ class ColaPredictor:
 
     def predict(self, sentences: list[str], batch_size: int = BATCH_SIZE, progress: bool = False) -> list[dict]:
         """One result per sentence, in order: {"sentence", "label", "probabilities": {label: p}},
-        or {"sentence", "error"} for an empty sentence."""
+        or {"sentence", "error"} for an empty sentence. InputError for input that is not text."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, not {batch_size!r}")
+        if isinstance(sentences, str):
+            raise InputError("sentences must be a list of strings, not one string")
+        for number, sentence in enumerate(sentences, start=1):
+            if not isinstance(sentence, str):
+                raise InputError(f"sentence {number} is a {type(sentence).__name__}, not a string")
+            try:
+                sentence.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate, e.g. from undecodable bytes in sys.argv
+                raise InputError(f"sentence {number} is not valid Unicode text ({e.reason})") from None
         results: list[dict] = [{"sentence": s, "error": "empty sentence"} for s in sentences]
         todo = [i for i, s in enumerate(sentences) if s.strip()]
         encodings = dict(zip(todo, self.tokenizer.encode_batch([sentences[i] for i in todo])))
@@ -249,22 +260,33 @@ def progress_bar(batches: list, enabled: bool):
 
 
 def read_sentences(args: argparse.Namespace) -> list[str]:
+    """The sentences to classify: the arguments, or one per line of a UTF-8 file or standard input."""
     if args.file:
         source, name = None, args.file
     elif args.sentences == ["-"]:
         source, name = sys.stdin.buffer, "<stdin>"
     else:
+        for number, sentence in enumerate(args.sentences, start=1):
+            try:
+                sentence.encode("utf-8")
+            except UnicodeEncodeError:  # Python keeps undecodable argument bytes as lone surrogates
+                raise InputError(f"argument {number} is not valid UTF-8") from None
         return args.sentences
     try:
         data = source.read() if source else Path(name).read_bytes()
     except OSError as e:
         raise InputError(f"{name}: cannot read ({e.strerror})") from None
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # -sig: without the byte-order mark some Windows editors write
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise InputError(f"{name}:{line}: not valid UTF-8; save the file as UTF-8") from None
-    return text.splitlines()
+    # Lines end at \n (or \r\n) only: str.splitlines() would also split at characters such as \x0c or
+    # \u2028 inside a sentence, and the output would no longer have one line per input line.
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the file's final newline ends the last line; it does not start another
+    return [line.removesuffix("\r") for line in lines]
 
 
 def print_results(results: list[dict], as_json: bool) -> None:

@@ -17,6 +17,11 @@ from torchmetrics.classification import (
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
 from data import LABEL_NAMES
+from hub import explain_hub_errors
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite: training stops before that step reaches the weights."""
 
 
 class MatthewsCorrCoef(BinaryMatthewsCorrCoef):
@@ -49,17 +54,19 @@ class ColaModel(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            model_name_or_path,
-            num_labels=len(LABEL_NAMES),
-            id2label=dict(enumerate(LABEL_NAMES)),
-            label2id={name: i for i, name in enumerate(LABEL_NAMES)},
-        )
+        with explain_hub_errors("model", model_name_or_path):
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                model_name_or_path,
+                num_labels=len(LABEL_NAMES),
+                id2label=dict(enumerate(LABEL_NAMES)),
+                label2id={name: i for i, name in enumerate(LABEL_NAMES)},
+            )
+            self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
         # from_pretrained returns the model in eval mode and Lightning keeps each module's mode as it finds it:
         # without this, dropout would stay off during fine-tuning.
         self.model.train()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
         self._tokenizer_files: dict[str, str] = {}
+        self._rng_states: dict | None = None  # from the checkpoint a run resumes from
         # Epoch-level metrics: torchmetrics accumulates over the whole epoch and syncs across DDP ranks.
         self.val_metrics = MetricCollection(
             {"mcc": MatthewsCorrCoef(), "accuracy": BinaryAccuracy(), "f1": BinaryF1Score()}, prefix="val_"
@@ -71,6 +78,15 @@ class ColaModel(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.model(**batch).loss
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["labels"].size(0))
+        # A NaN or infinite loss would make every weight NaN at this step's optimizer step: stop before it,
+        # on all DDP processes together (one stopping alone would leave the others waiting for its gradients).
+        if not self.trainer.strategy.reduce_boolean_decision(bool(loss.isfinite()), all=True):
+            best = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or "none saved yet"
+            raise NonFiniteLossError(
+                f"the loss became NaN or infinite at epoch {self.current_epoch}, step {self.global_step + 1}; training"
+                f" stopped before that step changed the weights, and the best checkpoint so far is untouched ({best})."
+                " Try a lower --model.learning_rate, or --trainer.precision bf16-mixed or 32-true instead of 16-mixed"
+            )
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -114,6 +130,22 @@ class ColaModel(pl.LightningModule):
         # Everything inference needs without the network: architecture, label names, tokenizer.
         checkpoint["hf_config"] = self.model.config.to_dict()
         checkpoint["tokenizer_files"] = self.tokenizer_files()
+        # Lightning saves no random state; dropout's is needed for a resumed run to train exactly like an
+        # uninterrupted one. (Under DDP every process resumes from this, rank zero's, state.)
+        checkpoint["rng_states"] = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state(self.device)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._rng_states = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        # Set here rather than on loading, so that nothing Lightning does in between can draw from it.
+        if self._rng_states:
+            torch.set_rng_state(self._rng_states["cpu"])
+            if "cuda" in self._rng_states and self.device.type == "cuda":
+                torch.cuda.set_rng_state(self._rng_states["cuda"], self.device)
+            self._rng_states = None
 
     def tokenizer_files(self) -> dict[str, str]:
         """The tokenizer's saved files (name -> text), computed once."""

@@ -1,7 +1,16 @@
+import datasets
 import pytest
 import torch
 
-from data import ColaDataModule, DataError, LengthGroupedSampler, load_local_cola, read_glue_tsv
+from data import (
+    ColaDataModule,
+    DataError,
+    LengthGroupedSampler,
+    ResumableDataLoader,
+    ShuffleSampler,
+    load_local_cola,
+    read_glue_tsv,
+)
 
 
 def test_reads_glue_layout_keeping_quotes(tmp_path):
@@ -83,7 +92,9 @@ def test_truncation_is_applied_and_reported(tiny_model_dir, tiny_data_dir, capsy
 def test_training_batches_are_shuffled_validation_is_not(tiny_model_dir, tiny_data_dir):
     datamodule = make_datamodule(tiny_model_dir, tiny_data_dir, batch_size=48, group_by_length=False)
     loader = datamodule.train_dataloader()
-    first, second = (next(iter(loader))["input_ids"][:, 1] for _ in range(2))  # two epochs
+    first = next(iter(loader))["input_ids"][:, 1]
+    loader.sampler.set_epoch(1)  # as Lightning does before every epoch
+    second = next(iter(loader))["input_ids"][:, 1]
     assert not torch.equal(first, second)
     labels = torch.cat([b["labels"] for b in datamodule.val_dataloader()])
     assert labels.tolist() == [row["label"] for row in read_glue_tsv(tiny_data_dir / "dev.tsv")]
@@ -93,7 +104,10 @@ def test_length_grouped_sampler_groups_lengths_and_shuffles_batches():
     generator = torch.Generator().manual_seed(0)
     lengths = torch.randint(5, 60, (1000,), generator=generator).tolist()
     sampler = LengthGroupedSampler(lengths, group_size=10, seed=0)
-    epochs = [list(sampler) for _ in range(2)]
+    epochs = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        epochs.append(list(sampler))
     for order in epochs:
         assert sorted(order) == list(range(1000))  # every sentence exactly once per epoch
         batches = [order[i : i + 10] for i in range(0, 1000, 10)]
@@ -113,3 +127,103 @@ def test_length_grouped_sampler_under_ddp_gives_each_process_a_share_of_each_gro
         shard = order[rank::2]  # how Lightning's DistributedSamplerWrapper deals indices to 2 processes
         for k in range(62):
             assert set(shard[8 * k : 8 * k + 8]) <= groups[k]  # batch k of each process comes from group k
+
+
+@pytest.mark.parametrize("make_sampler", [lambda seed: ShuffleSampler(100, seed), lambda seed: LengthGroupedSampler([i % 7 for i in range(100)], 8, seed)])
+def test_sampler_order_depends_only_on_seed_and_epoch(make_sampler):
+    # What lets a resumed run see the interrupted epoch's batches in the same order: no state carried over.
+    sampler = make_sampler(3)
+    orders = []
+    for epoch in (0, 1, 0):
+        sampler.set_epoch(epoch)
+        orders.append(list(sampler))
+    assert orders[0] == orders[2] != orders[1]
+    fresh = make_sampler(3)
+    fresh.set_epoch(1)
+    assert list(fresh) == orders[1]
+    assert sorted(orders[1]) == list(range(100))
+    assert list(make_sampler(4)) != orders[0]
+
+
+def test_resumable_loader_skips_the_batches_already_done():
+    data = list(range(20))
+    full = [batch.tolist() for batch in ResumableDataLoader(data, batch_size=3)]
+    done = [2]
+    loader = ResumableDataLoader(data, batch_size=3, batches_done=lambda: done[0])
+    iterator = iter(loader)
+    done[0] = 4  # asked at the first batch, not at iter(): Lightning restores its progress in between
+    assert [batch.tolist() for batch in iterator] == full[4:]
+    done[0] = 0
+    assert [batch.tolist() for batch in loader] == full
+    assert len(loader) == len(full) == 7  # the epoch's length stays whole: Lightning counts the done batches itself
+
+
+# Property-based: whatever the file holds, reading it gives the rows or one DataError, never another exception.
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Sentences: any text without tab or line breaks, quotes of every kind especially; sometimes very long.
+QUOTES = "\"'`\u201c\u201d\u2018\u2019\u00ab\u00bb"
+no_line_breaks = st.characters(exclude_characters="\t\n\r", exclude_categories=("Cs",))  # Cs: lone surrogates
+sentence_text = st.text(no_line_breaks | st.sampled_from(QUOTES), min_size=1, max_size=60)
+sentences = (sentence_text | st.builds(lambda s, n: s * n, sentence_text, st.integers(100, 2000))).filter(str.strip)
+columns = st.text(no_line_breaks, max_size=8)  # the source and star columns
+rows = st.lists(st.tuples(columns, st.sampled_from("01"), columns, sentences), max_size=8)
+
+
+def read_or_data_error(path):
+    try:
+        return list(read_glue_tsv(path))
+    except DataError as error:
+        assert "\n" not in str(error) and str(error).startswith(str(path))
+        return None
+
+
+def tsv_bytes(table, line_end="\n", final_line_end=True, encoding="utf-8") -> bytes:
+    text = line_end.join("\t".join(row) for row in table) + (line_end if final_line_end and table else "")
+    return text.encode(encoding)
+
+
+@PROPERTY_SETTINGS
+@given(data=st.binary(max_size=400) | st.builds(tsv_bytes, rows) | st.lists(st.sampled_from(
+    [b"src\t1\t\tA dog.", b"\t", b"\n", b"\r\n", b"\r", b'"', b"'", b"\xff", b"\xe9", b"\xef\xbb\xbf", b"0", b"1", b" ", b"\x00"]
+), max_size=40).map(b"".join))
+def test_any_bytes_give_rows_or_one_data_error(tmp_path, data):
+    path = tmp_path / "train.tsv"
+    path.write_bytes(data)
+    result = read_or_data_error(path)
+    if result is not None:
+        assert result and all(row["label"] in (0, 1) and row["sentence"].strip() for row in result)
+
+
+@PROPERTY_SETTINGS
+@given(table=rows, line_end=st.sampled_from(["\n", "\r\n"]), final_line_end=st.booleans(),
+       encoding=st.sampled_from(["utf-8", "utf-8", "utf-16", "latin-1", "cp1252"]))
+def test_well_formed_files_load_exactly_quotes_and_all(tmp_path, table, line_end, final_line_end, encoding):
+    try:
+        data = tsv_bytes(table, line_end, final_line_end, encoding)
+    except UnicodeEncodeError:
+        assume(False)  # text this encoding cannot hold
+    path = tmp_path / "train.tsv"
+    path.write_bytes(data)
+    result = read_or_data_error(path)
+    if data == tsv_bytes(table, line_end, final_line_end):  # what was written is UTF-8
+        expected = [{"sentence": sentence, "label": int(label)} for _, label, _, sentence in table]
+        assert result == (expected or None)  # an empty file is a DataError
+    elif encoding == "utf-16":
+        assert result is None  # its byte-order mark is not UTF-8
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.builds(tsv_bytes, rows, st.sampled_from(["\n", "\r\n"])) | st.binary(max_size=200))
+def test_local_cola_loads_what_the_reader_reads_or_one_data_error(tmp_path, monkeypatch, data):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))  # not the user's cache
+    (tmp_path / "train.tsv").write_bytes(data)
+    expected = read_or_data_error(tmp_path / "train.tsv")
+    try:
+        loaded = load_local_cola(tmp_path, "train")
+    except DataError:
+        assert expected is None
+    else:
+        assert loaded.to_list() == expected

@@ -53,7 +53,7 @@ def test_batching_and_padding_do_not_change_probabilities(predictor):
 def test_matches_the_trained_lightning_module(best_checkpoint, predictor, tiny_data_dir):
     from model import ColaModel
 
-    module = ColaModel.load_from_checkpoint(best_checkpoint, map_location="cpu", weights_only=False).eval()
+    module = ColaModel.load_from_checkpoint(best_checkpoint, map_location="cpu", weights_only=True).eval()
     encoded = module.tokenizer(SENTENCES, padding=True, return_tensors="pt")
     with torch.no_grad():
         expected = module.model(**encoded).logits.softmax(-1)[:, 1]
@@ -182,3 +182,59 @@ def test_bad_checkpoints_are_refused_in_one_line(best_checkpoint, tmp_path, kind
     result = run_inference(tmp_path, "--checkpoint", str(path), "Hello.")
     line = one_line_error(result)
     assert line.startswith(f"error: {path}") and "pwned" not in result.stdout
+
+
+# Property-based: whatever the input, one result per line in order, or one InputError; never another exception.
+from argparse import Namespace  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from inference import read_sentences  # noqa: E402
+
+any_text = st.text(st.characters(exclude_categories=()), max_size=50)  # surrogates too (undecodable argv bytes)
+long_text = st.builds(lambda word, n: word * n, st.sampled_from(["the dog sat ", "\"quoted\" ", "x"]), st.integers(100, 3000))
+line_bytes = st.lists(
+    st.sampled_from([b"The dog sat.", b"\n", b"\r\n", b"\r", b"\t", b'"', b"\x0c", b"\xe2\x80\xa8", b"\xc2\x85", b"\xff", b"\xef\xbb\xbf", b" "]),
+    max_size=30,
+).map(b"".join)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=300) | line_bytes | any_text.map(lambda t: t.encode("utf-8", "surrogatepass")))
+def test_input_files_give_one_sentence_per_line_or_one_input_error(tmp_path, data):
+    path = tmp_path / "in.txt"
+    path.write_bytes(data)
+    try:
+        lines = read_sentences(Namespace(file=str(path), sentences=[]))
+    except InputError as error:
+        assert str(error).startswith(f"{path}:") and "\n" not in str(error)
+        return
+    body = data.removeprefix(b"\xef\xbb\xbf")
+    assert len(lines) == body.count(b"\n") + (0 if body.endswith(b"\n") or not body else 1)  # as `wc -l` counts
+    assert all("\n" not in line for line in lines)
+
+
+@settings(max_examples=60, deadline=None)
+@given(sentences=st.lists(any_text | long_text, max_size=6), batch_size=st.integers(-1, 4))
+def test_predict_gives_one_result_per_sentence_or_one_input_error(predictor, sentences, batch_size):
+    try:
+        results = predictor.predict(sentences, batch_size=batch_size)
+    except InputError as error:
+        assert "\n" not in str(error)
+        unencodable = any(not s.encode("utf-8", "surrogatepass").decode("utf-8", "ignore") == s for s in sentences)
+        assert batch_size < 1 or unencodable
+        return
+    assert batch_size >= 1 and [r["sentence"] for r in results] == sentences
+    for sentence, result in zip(sentences, results):
+        if sentence.strip():
+            assert result["label"] in ("acceptable", "unacceptable")
+            assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        else:
+            assert result["error"] == "empty sentence"
+
+
+def test_undecodable_argument_is_one_line(trained):
+    workdir, _ = trained
+    line = one_line_error(run_inference(workdir, "The dog sat.", os.fsdecode(b"Caf\xe9.")))
+    assert line == "error: argument 2 is not valid UTF-8"

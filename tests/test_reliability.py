@@ -1,0 +1,355 @@
+"""Faults: `python train.py` killed while saving and mid-epoch, stopped with Ctrl-C, hit by a NaN loss,
+started twice at once; the Hub unreachable; a bad --ckpt_path. On the tiny model, as a user runs it."""
+
+import contextlib
+import io
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import train
+from conftest import REPO, tiny_train_args
+from data import ColaDataModule
+from hub import HubError
+from model import ColaModel
+
+
+class Run:
+    """`python train.py ARGS` (or tests/faulty_train.py with $FAULT) in the background, output to files."""
+
+    def __init__(self, workdir: Path, name: str, args: list[str], fault: str | None = None) -> None:
+        self.workdir, self.marker = workdir, workdir / f"{name}.paused"
+        script = REPO / ("tests/faulty_train.py" if fault else "train.py")
+        env = {**os.environ, "FAULT": fault or "", "FAULT_MARKER": str(self.marker)}
+        self.out, self.err = workdir / f"{name}.out", workdir / f"{name}.err"
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            command = [sys.executable, str(script), "--trainer.enable_progress_bar", "false", *args]
+            self.process = subprocess.Popen(command, cwd=workdir, stdout=out, stderr=err, env=env)
+
+    def wait_for_pause(self, timeout: float = 300) -> str:
+        deadline = time.monotonic() + timeout
+        while not self.marker.exists():
+            assert self.process.poll() is None, f"ended before its fault point:\n{self.err.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "never reached its fault point"
+            time.sleep(0.05)
+        return self.marker.read_text()
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def finish(self) -> SimpleNamespace:
+        returncode = self.process.wait(timeout=600)
+        return SimpleNamespace(returncode=returncode, stdout=self.out.read_text(), stderr=self.err.read_text())
+
+
+def global_step(path: Path):
+    """The training step a checkpoint was saved at; None if it does not load (as Lightning would load it)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
+    except Exception:
+        return None
+
+
+def metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def train_in_process(workdir: Path, args: list[str], sigint_before_step: int | None = None) -> SimpleNamespace:
+    """`python train.py ARGS` run in this process (saving the ~10 s a new one takes to import everything), as
+    a command: the same sys.argv and exit status. Optionally this process gets a SIGINT (Ctrl-C) when training
+    step sigint_before_step + 1 starts."""
+    saved = os.getcwd(), sys.argv, signal.getsignal(signal.SIGINT), ColaModel.on_train_batch_start
+    out, err = io.StringIO(), io.StringIO()
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.global_step == sigint_before_step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    try:
+        os.chdir(workdir)
+        sys.argv = [str(REPO / "train.py"), "--trainer.enable_progress_bar", "false", *args]
+        ColaModel.on_train_batch_start = on_train_batch_start
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                train.run()
+                returncode = 0
+            except SystemExit as exit:
+                returncode = exit.code
+    finally:
+        # Lightning ignores SIGINT once it has handled one; the run may have published its folder.
+        os.chdir(saved[0])
+        sys.argv, ColaModel.on_train_batch_start = saved[1], saved[3]
+        signal.signal(signal.SIGINT, saved[2])
+        os.environ.pop(train.RUN_VERSION_ENV, None)
+    return SimpleNamespace(returncode=returncode, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory, tiny_model_dir, tiny_data_dir) -> SimpleNamespace:
+    """Two `python train.py` runs started at the same moment in the same folder, 2 epochs of 6 steps each:
+
+    - one whose weights turn NaN before step 9, in its second epoch;
+    - one killed (SIGKILL) half-way through saving its first best checkpoint, after step 6; resumed and stopped
+      with Ctrl-C during step 9; resumed with the command it printed, and finished. It saves last.ckpt after
+      every step (but an epoch's last), so it resumes mid-epoch each time.
+    """
+    workdir = tmp_path_factory.mktemp("faults")
+    args = tiny_train_args(tiny_model_dir, tiny_data_dir) + ["--trainer.max_epochs", "2"]
+    args_every_step = args + ["--save_last_every_minutes", "0"]
+    seen = SimpleNamespace()
+
+    nan = Run(workdir, "nan", args, fault="nan_before_step:8")
+    killed = Run(workdir, "killed-saving", args_every_step, fault="pause_in_save:best-")
+    seen.paused_in = killed.wait_for_pause()
+    killed.kill()
+    seen.run_dir = workdir / Path(seen.paused_in.split()[-1]).parent.parent
+    seen.after_killed_save = {p.name: global_step(p) for p in (seen.run_dir / "checkpoints").iterdir()}
+    last = seen.run_dir / "checkpoints" / "last.ckpt"
+
+    seen.ctrl_c = train_in_process(workdir, [*args_every_step, "--ckpt_path", str(last)], sigint_before_step=8)
+    seen.after_ctrl_c = global_step(last)
+    command = shlex.split(seen.ctrl_c.stdout.split("Resume with:\n")[1].splitlines()[0])
+    assert command[:2] == ["python", str(REPO / "train.py")]
+    seen.final = train_in_process(workdir, command[2:])
+
+    seen.nan = nan.finish()
+    seen.nan_dir = workdir / "logs/cola" / ({"version_0", "version_1"} - {seen.run_dir.name}).pop()
+    return seen
+
+
+def test_runs_started_at_the_same_moment_get_their_own_folders(faults):
+    assert sorted(d.name for d in faults.run_dir.parent.iterdir()) == ["version_0", "version_1"]
+    assert faults.final.returncode == 0 and faults.nan.returncode == 1
+    assert metrics(faults.run_dir)["best_model_path"].startswith(f"logs/cola/{faults.run_dir.name}/")
+    assert sorted(p.name.split("-")[0] for p in (faults.nan_dir / "checkpoints").iterdir()) == ["best", "last.ckpt"]
+
+
+def val_scalars(run_dir: Path) -> dict:
+    values = {}
+    for event_file in run_dir.glob("events.out.tfevents.*"):
+        events = EventAccumulator(str(event_file))
+        events.Reload()
+        for tag in ("val_mcc", "val_loss", "val_accuracy"):
+            values.update({(tag, e.step): e.value for e in events.Scalars(tag)} if tag in events.Tags()["scalars"] else {})
+    return values
+
+
+def test_same_seed_same_data_gives_identical_val_mcc(faults, trained):
+    # The NaN run's first epoch (run beside another) against the `trained` run's (run alone), bit for bit.
+    workdir, _ = trained
+    ours, reference = val_scalars(faults.nan_dir), val_scalars(workdir / "logs/cola/version_0")
+    assert ours and set(ours) < set(reference)  # epoch 0's validation; the NaN run has no second one
+    assert {key: reference[key] for key in ours} == ours
+
+
+def test_ctrl_c_saves_last_checkpoint_and_prints_how_to_resume(faults):
+    result = faults.ctrl_c
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "Ctrl-C: stopping after this training step" in result.stderr
+    last = (faults.run_dir / "checkpoints/last.ckpt").relative_to(faults.run_dir.parents[2])  # as the run saw it
+    assert f"Stopped at step 9, saved {last}. Resume with:" in result.stdout
+    assert faults.after_ctrl_c == 9  # the step during which Ctrl-C came was finished, then saved
+
+
+def test_a_run_killed_while_saving_leaves_every_checkpoint_whole(faults):
+    assert "best-epoch=0" in faults.paused_in and faults.paused_in.endswith(".ckpt.partial")
+    # The best checkpoint being written exists only as the .partial file; last.ckpt is whole, from step 5
+    # (none is saved after an epoch's last step, where the epoch's validation has yet to run).
+    assert faults.after_killed_save == {faults.paused_in.split("/")[-1]: None, "last.ckpt": 5}
+
+
+def test_interrupted_and_killed_run_finishes_like_an_undisturbed_one(faults, trained):
+    assert faults.final.returncode == 0, faults.final.stderr[-3000:]
+    workdir, _ = trained
+    resumed, undisturbed = metrics(faults.run_dir), metrics(workdir / "logs/cola/version_0")
+    assert (resumed["global_step"], resumed["epochs"]) == (undisturbed["global_step"], undisturbed["epochs"]) == (12, 2)
+    assert resumed["best_val_mcc"] == undisturbed["best_val_mcc"]
+    assert Path(resumed["best_model_path"]).name == Path(undisturbed["best_model_path"]).name
+    for name, value in undisturbed["last_epoch_metrics"].items():
+        assert resumed["last_epoch_metrics"][name] == pytest.approx(value, rel=1e-6, abs=1e-7), name
+
+
+def test_non_finite_loss_stops_with_one_line_and_keeps_the_best_checkpoint(faults):
+    result = faults.nan
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: the loss became NaN or infinite at epoch 1, step 9;"), error
+    checkpoints = faults.nan_dir / "checkpoints"
+    (best,) = checkpoints.glob("best-*.ckpt")
+    assert best.name.startswith("best-epoch=0-") and str(best.relative_to(faults.nan_dir.parents[2])) in error
+    for path in (best, checkpoints / "last.ckpt"):  # both from before the NaN, whole and finite
+        weights = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+    assert not (faults.nan_dir / "metrics.json").exists()
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "best.ckpt"
+    io_plugin = train.AtomicCheckpointIO()
+    io_plugin.save_checkpoint({"step": 1}, path)
+
+    def dies_half_way(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # as good as a kill for what is on disk: no rename happens
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        io_plugin.save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert (tmp_path / "checkpoints" / "best.ckpt.partial").read_bytes() == b"half a checkpoint"
+    io_plugin.save_checkpoint({"step": 3}, path)
+    assert torch.load(path, weights_only=True) == {"step": 3}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["best.ckpt"]  # the next save reuses the .partial
+
+
+def test_run_folders_are_claimed_atomically(tmp_path):
+    # Many claims at once (threads stand in for processes: os.mkdir is what decides), none shared.
+    barrier, claimed = threading.Barrier(8), []
+
+    def claim():
+        barrier.wait()
+        claimed.append(train.claim_run_version(tmp_path / "cola"))
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(claimed, key=lambda v: int(v[8:])) == [f"version_{i}" for i in range(8)]
+
+
+def one_line_error(result: SimpleNamespace) -> str:
+    """The line with which a run failed: the last on stderr, with no traceback."""
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result.stderr.strip().splitlines()[-1]
+
+
+class Exploit:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("missing", "checkpoint not found"),
+        ("truncated", "not a loadable checkpoint"),
+        ("pickled-code", "not a loadable checkpoint"),
+        ("foreign", "not a checkpoint of this project"),
+        ("weights-only", "holds model weights only, no training state to resume from"),
+    ],
+)
+def test_resuming_from_a_bad_checkpoint_is_refused_in_one_line(trained, tmp_path, tiny_model_dir, tiny_data_dir, kind, message):
+    workdir, _ = trained
+    good = torch.load(workdir / "logs/cola/version_0/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    path = tmp_path / "bad.ckpt"
+    if kind == "truncated":
+        data = (workdir / "logs/cola/version_0/checkpoints/last.ckpt").read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "pickled-code":
+        torch.save({**good, "hf_config": Exploit()}, path)
+    elif kind == "foreign":
+        torch.save({"state_dict": good["state_dict"], "loops": good["loops"]}, path)
+    elif kind == "weights-only":
+        torch.save({k: v for k, v in good.items() if k not in ("loops", "optimizer_states")}, path)
+    result = train_in_process(tmp_path, [*tiny_train_args(tiny_model_dir, tiny_data_dir), "--ckpt_path", str(path)])
+    line = one_line_error(result)
+    assert line.startswith(f"error: {path}: {message}"), line
+    assert "pwned" not in result.stdout
+    assert not (tmp_path / "logs").exists()  # refused before anything started
+
+
+def test_model_not_in_cache_while_offline_is_one_line_that_says_how_to_run_offline(tmp_path, tiny_data_dir):
+    args = ["--model.model_name_or_path", "no-such-org/no-such-model", "--data.data_dir", str(tiny_data_dir)]
+    line = one_line_error(train_in_process(tmp_path, args))
+    assert line.startswith("error: model 'no-such-org/no-such-model' is not in the local cache, and HF_HUB_OFFLINE is set")
+    assert "--model.model_name_or_path DIR" in line and "--data.data_dir DIR" in line
+    # The run had claimed its folder up front, before loading anything (the logger picks one much later).
+    assert [d.name for d in (tmp_path / "logs/cola").iterdir()] == ["version_0"]
+
+
+def test_hub_errors_name_what_failed(tmp_path, tiny_model_dir):
+    with pytest.raises(HubError, match=r"^dataset 'nyu-mll/glue' is not in the local cache, and HF_HUB_OFFLINE is set"):
+        ColaDataModule(model_name_or_path=str(tiny_model_dir)).prepare_data()  # no data_dir: CoLA from the Hub
+    with pytest.raises(HubError, match=r"^model './no/such/folder' is neither a local folder nor a valid Hub id"):
+        ColaModel("./no/such/folder")
+    with pytest.raises(HubError, match=rf"^model '{tmp_path}' is a folder without a usable model or tokenizer"):
+        ColaModel(str(tmp_path))
+
+
+# Run in a fresh process because the Hub's address is read at import. Imports what model.py and data.py use.
+HUB_PROBE = """
+import sys, time, types
+sys.path.insert(0, sys.argv[1])
+import datasets, huggingface_hub.utils._http as http
+from transformers import AutoModelForSequenceClassification
+from hub import HubError, explain_hub_errors
+http.time = types.SimpleNamespace(**{**vars(time), "sleep": lambda seconds: None})  # retry without waiting
+for kind, name, load in [
+    ("model", "no-such-org/no-such-model", AutoModelForSequenceClassification.from_pretrained),
+    ("dataset", "nyu-mll/glue", lambda name: datasets.load_dataset(name, "cola", split="train")),
+]:
+    try:
+        with explain_hub_errors(kind, name):
+            load(name)
+    except HubError as e:
+        print(e)
+"""
+
+
+class NotFoundHub(BaseHTTPRequestHandler):
+    def do_HEAD(self):  # what the Hub answers for a repository that does not exist (or is private)
+        self.send_response(401)
+        self.send_header("X-Error-Code", "RepoNotFound")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD
+
+    def log_message(self, *args):
+        pass
+
+
+def test_unreachable_hub_and_wrong_ids_are_told_apart():
+    not_found = ThreadingHTTPServer(("127.0.0.1", 0), NotFoundHub)
+    threading.Thread(target=not_found.serve_forever, daemon=True).start()
+    with socket.socket() as unused:  # a port nothing listens on: connections are refused, as with no network
+        unused.bind(("127.0.0.1", 0))
+        refused_port = unused.getsockname()[1]
+    probes = {}
+    for hub, port in (("unreachable", refused_port), ("not-found", not_found.server_port)):
+        env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{port}"}
+        command = [sys.executable, "-c", HUB_PROBE, str(REPO)]
+        probes[hub] = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        outputs = {hub: probe.communicate(timeout=300) for hub, probe in probes.items()}
+    finally:
+        not_found.shutdown()
+    unreachable = "could not be downloaded: the Hugging Face Hub is unreachable (no network?)"
+    expected = {
+        "unreachable": (f"model 'no-such-org/no-such-model' {unreachable}", f"dataset 'nyu-mll/glue' {unreachable}"),
+        "not-found": (
+            "model 'no-such-org/no-such-model' is neither a local folder nor on the Hugging Face Hub: check the id",
+            "dataset 'nyu-mll/glue' is not on the Hugging Face Hub: check the id",
+        ),
+    }
+    for hub, (out, err) in outputs.items():
+        lines = out.splitlines()
+        assert len(lines) == 2, out + err[-3000:]
+        assert lines[0].startswith(expected[hub][0]) and lines[1].startswith(expected[hub][1]), lines
+        assert all("--data.data_dir DIR" in line for line in lines)
