@@ -35,11 +35,16 @@ class InputError(Exception):
     """A checkpoint or input file that cannot be used, reported as one line."""
 
 
+def run_numbers(log_dir: Path) -> list[int]:
+    """The N of each version_N run folder under log_dir (TensorBoardLogger's layout), newest first."""
+    names = (d.name.removeprefix("version_") for d in log_dir.glob("version_*"))
+    return sorted((int(n) for n in names if n.isdigit()), reverse=True)
+
+
 def find_best_checkpoint(log_dir: Path = LOG_DIR) -> Path:
     """The checkpoint ModelCheckpoint marked best in the most recent run (highest version_N) that has one."""
-    runs = [d for d in log_dir.glob("version_*") if d.name.removeprefix("version_").isdigit()]
-    for run_dir in sorted(runs, key=lambda d: int(d.name.removeprefix("version_")), reverse=True):
-        best = best_checkpoint_of_run(run_dir)
+    for number in run_numbers(log_dir):
+        best = best_checkpoint_of_run(log_dir / f"version_{number}")
         if best is not None:
             return best
     raise InputError(f"no trained run under {log_dir}: train one first with `python train.py`, or pass --checkpoint")

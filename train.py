@@ -28,6 +28,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from data import ColaDataModule, DataError
 from hub import HubError
+from inference import InputError, load_checkpoint, run_numbers
 from model import ColaModel, NonFiniteLossError
 
 RUN_VERSION_ENV = "COLA_RUN_VERSION"  # rank zero's run folder, for the DDP processes Lightning starts
@@ -141,8 +142,8 @@ def claim_run_version(root: Path) -> str:
     list the folders and create one later: both could pick the same)."""
     root.mkdir(parents=True, exist_ok=True)
     while True:
-        numbers = [int(d.name[8:]) for d in root.glob("version_*") if d.name[8:].isdigit()]
-        version = f"version_{max(numbers, default=-1) + 1}"
+        numbers = run_numbers(root)
+        version = f"version_{numbers[0] + 1 if numbers else 0}"
         try:
             (root / version).mkdir()
             return version
@@ -153,8 +154,6 @@ def claim_run_version(root: Path) -> str:
 def check_resumable(ckpt_path: str) -> None:
     """Refuse, in one line, a --ckpt_path that is missing, truncated, tampered with or not this project's,
     before anything slow starts. Read like Lightning will: torch.load(weights_only=True), no pickled code."""
-    from inference import InputError, load_checkpoint
-
     if not Path(ckpt_path).is_file():
         raise CheckpointError(f"{ckpt_path}: checkpoint not found")
     try:
