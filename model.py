@@ -1,7 +1,9 @@
 """A pretrained BERT-family encoder fine-tuned to classify CoLA sentences, as a LightningModule."""
 
+import re
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import pytorch_lightning as pl
 import torch
@@ -35,14 +37,37 @@ class MatthewsCorrCoef(BinaryMatthewsCorrCoef):
         return super().compute()
 
 
+def layer_depth(parameter_name: str, num_layers: int) -> int:
+    """0 for the embeddings, i + 1 for encoder layer i, num_layers for the rest (pooler, head)."""
+    match = re.search(r"\.layer\.(\d+)\.", parameter_name)
+    if match:
+        return int(match.group(1)) + 1
+    return 0 if ".embeddings." in parameter_name else num_layers
+
+
+def reinitialise(module: torch.nn.Module, std: float) -> None:
+    """BERT's initialisation, in place. (transformers 5's own _init_weights skips weights loaded from a checkpoint.)"""
+    for submodule in module.modules():
+        if isinstance(submodule, torch.nn.Linear):
+            torch.nn.init.normal_(submodule.weight, std=std)
+            torch.nn.init.zeros_(submodule.bias)
+        elif isinstance(submodule, torch.nn.LayerNorm):
+            torch.nn.init.ones_(submodule.weight)
+            torch.nn.init.zeros_(submodule.bias)
+
+
 class ColaModel(pl.LightningModule):
-    """Sequence classifier with CoLA's metrics and the BERT paper's fine-tuning recipe.
+    """Sequence classifier with CoLA's metrics and a fine-tuning recipe for small data.
 
     Args:
         model_name_or_path: a Hub id or a local directory of any BERT-family checkpoint.
-        learning_rate: peak AdamW learning rate; 2e-5 is the BERT paper's best for CoLA at batch 32.
+        learning_rate: peak AdamW learning rate of the top encoder layer.
         weight_decay: AdamW decay on weight matrices; biases and LayerNorm weights get none.
         warmup_ratio: fraction of all optimizer steps spent warming up linearly, before linear decay to 0.
+        layer_decay: layer-wise learning-rate decay: each layer below the top learns this much slower
+            (1: one learning rate for all).
+        head_learning_rate: learning rate of the new, randomly initialised classifier (None: learning_rate).
+        reinit_layers: re-initialise this many top encoder layers before fine-tuning.
     """
 
     def __init__(
@@ -51,6 +76,9 @@ class ColaModel(pl.LightningModule):
         learning_rate: float = 2e-5,
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.1,
+        layer_decay: float = 1.0,
+        head_learning_rate: Optional[float] = None,
+        reinit_layers: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -65,6 +93,9 @@ class ColaModel(pl.LightningModule):
         # from_pretrained returns the model in eval mode and Lightning keeps each module's mode as it finds it:
         # without this, dropout would stay off during fine-tuning.
         self.model.train()
+        for layer in self.model.base_model.encoder.layer[len(self.model.base_model.encoder.layer) - reinit_layers :]:
+            reinitialise(layer, std=self.model.config.initializer_range)
+        self.warmup_steps = 0  # set by configure_optimizers; early stopping waits for it (train.py)
         self._tokenizer_files: dict[str, str] = {}
         self._rng_states: dict | None = None  # from the checkpoint a run resumes from
         # Epoch-level metrics: torchmetrics accumulates over the whole epoch and syncs across DDP ranks.
@@ -114,16 +145,28 @@ class ColaModel(pl.LightningModule):
                 ax.set_title("Precision-recall, positive class: acceptable")
                 logger.experiment.add_figure("val/precision_recall_curve", fig, self.current_epoch)
 
+    def parameter_groups(self) -> list[dict]:
+        """AdamW groups: one per (learning rate, weight decay) pair that the recipe gives parameters."""
+        hp, num_layers = self.hparams, self.model.config.num_hidden_layers
+        groups: dict[tuple, dict] = {}
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            if name.startswith(self.model.base_model_prefix + "."):
+                lr = hp.learning_rate * hp.layer_decay ** (num_layers - layer_depth(name, num_layers))
+            else:  # the classifier head, new
+                lr = hp.head_learning_rate or hp.learning_rate
+            weight_decay = hp.weight_decay if param.dim() >= 2 else 0.0  # none on biases and LayerNorm
+            group = groups.setdefault((lr, weight_decay), {"params": [], "lr": lr, "weight_decay": weight_decay})
+            group["params"].append(param)
+        return list(groups.values())
+
     def configure_optimizers(self) -> dict:
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.hparams.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},  # biases, LayerNorm
-        ]
         # fused: one kernel over all parameters, ~5x faster than the default per-tensor loop on CPU too.
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate, fused=True)
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.hparams.learning_rate, fused=True)
         total_steps = self.trainer.estimated_stepping_batches
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total_steps), total_steps)
+        self.warmup_steps = int(self.hparams.warmup_ratio * total_steps)
+        scheduler = get_linear_schedule_with_warmup(optimizer, self.warmup_steps, total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

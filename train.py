@@ -7,6 +7,7 @@
 """
 
 import json
+import math
 import os
 import shlex
 import signal
@@ -24,7 +25,7 @@ from pytorch_lightning import Callback, Trainer
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, ThroughputMonitor, Timer
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.plugins.io import TorchCheckpointIO
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from data import ColaDataModule, DataError
 from hub import HubError
@@ -79,6 +80,49 @@ class MidEpochCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
         if not ends_an_epoch(trainer):
             super().on_train_batch_end(trainer, *args, **kwargs)
+
+
+class EarlyStoppingAfterWarmup(EarlyStopping):
+    """Early stopping that starts watching once the learning-rate warmup has ended: during warmup val_mcc
+    often stays at 0 (the model first predicts the majority class), which would use up the patience."""
+
+    def _run_early_stopping_check(self, trainer: Trainer) -> None:
+        if trainer.global_step >= trainer.lightning_module.warmup_steps:
+            super()._run_early_stopping_check(trainer)
+
+
+class SanityChecks(Callback):
+    """Logs, before the run gets far, the facts that explain most failed CoLA runs: the class balance
+    (about 70% acceptable), a loss at initialisation far from ln 2, and a val_mcc still 0 after warmup."""
+
+    def on_train_start(self, trainer: Trainer, model: ColaModel) -> None:
+        for split, dataset in trainer.datamodule.splits.items():
+            labels = dataset["labels"]
+            fraction = sum(labels) / max(len(labels), 1)
+            rank_zero_info(f"{split}: {len(labels)} sentences, {fraction:.1%} acceptable")
+            if trainer.logger:
+                trainer.logger.log_metrics({f"data/{split}_acceptable_fraction": fraction}, step=0)
+
+    def on_train_batch_end(self, trainer: Trainer, model: ColaModel, outputs: Any, *_: Any) -> None:
+        if trainer.global_step != 1:  # the first step's loss was computed before any update: the loss at init
+            return
+        loss = float(outputs["loss"])
+        rank_zero_info(f"loss at initialisation {loss:.3f} (ln 2 = {math.log(2):.3f} for a fresh two-class head)")
+        if abs(loss - math.log(2)) > 0.25:
+            rank_zero_warn(
+                f"loss at initialisation is {loss:.3f}, far from ln 2 = 0.693: the classifier head is not fresh"
+                " (a fine-tuned model as --model.model_name_or_path?) or the labels are not 0/1"
+            )
+
+    def on_validation_end(self, trainer: Trainer, model: ColaModel) -> None:
+        if trainer.sanity_checking or trainer.global_step < model.warmup_steps:
+            return
+        if float(trainer.callback_metrics.get("val_mcc", 1.0)) == 0.0:
+            rank_zero_warn(
+                f"val_mcc is 0 after warmup (step {trainer.global_step}): the model predicts one class only."
+                f" The usual cause is the learning rate ({model.hparams.learning_rate:g}): try a lower one;"
+                " for small models, also a higher one"
+            )
 
 
 def resume_command(ckpt_path: str) -> str:
@@ -184,7 +228,7 @@ class ColaCLI(LightningCLI):
                 "checkpoint.enable_version_counter": False,
             }
         )
-        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.add_lightning_class_args(EarlyStoppingAfterWarmup, "early_stopping")
         parser.set_defaults({"early_stopping.monitor": "val_mcc", "early_stopping.mode": "max", "early_stopping.patience": 3})
 
     def before_instantiate_classes(self) -> None:
@@ -203,6 +247,13 @@ class ColaCLI(LightningCLI):
                 os.environ[RUN_VERSION_ENV] = logger.init_args.version
             else:  # a DDP process that Lightning started by running this script again: rank zero's folder
                 logger.init_args.version = os.environ.get(RUN_VERSION_ENV)
+
+    def instantiate_classes(self) -> None:
+        # TF32 matrix products on Ampere+ GPUs for whatever bf16 autocast leaves in fp32; --trainer.precision
+        # 32-true keeps true fp32 (IEEE) products.
+        if torch.cuda.is_available() and self.config.trainer.precision != "32-true":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        super().instantiate_classes()
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -275,6 +326,7 @@ def main() -> None:
                 ),
                 timer,
                 StopOnCtrlC(),
+                SanityChecks(),
             ],
         },
     )

@@ -86,3 +86,39 @@ def test_mcc_matches_scikit_learn_also_when_one_class_is_predicted(preds, target
     metric = MatthewsCorrCoef()
     metric.update(torch.tensor(preds, dtype=torch.float), torch.tensor(target))
     assert metric.compute().item() == pytest.approx(matthews_corrcoef(target, preds), abs=1e-6)
+
+
+def test_layer_decay_and_head_learning_rate_give_each_parameter_its_rate(tiny_model_dir):
+    model = ColaModel(str(tiny_model_dir), learning_rate=1e-4, layer_decay=0.5, head_learning_rate=1e-2)
+    num_layers = model.model.config.num_hidden_layers
+    rate = {id(p): group["lr"] for group in model.parameter_groups() for p in group["params"]}
+    for name, param in model.model.named_parameters():
+        if name.startswith("classifier."):
+            expected = 1e-2
+        elif ".embeddings." in name:
+            expected = 1e-4 * 0.5**num_layers
+        elif ".layer." in name:
+            layer = int(name.split(".layer.")[1].split(".")[0])
+            expected = 1e-4 * 0.5 ** (num_layers - 1 - layer)
+        else:  # pooler: with the top layer
+            expected = 1e-4
+        assert rate[id(param)] == pytest.approx(expected), name
+    assert len(rate) == len(list(model.parameters()))
+
+
+def test_reinit_layers_resets_only_the_top_layers(tiny_model_dir):
+    torch.manual_seed(0)
+    pretrained = ColaModel(str(tiny_model_dir)).model.state_dict()
+    torch.manual_seed(0)
+    reinitialised = ColaModel(str(tiny_model_dir), reinit_layers=1).model
+    top = reinitialised.config.num_hidden_layers - 1
+    for name, weight in reinitialised.state_dict().items():
+        if f".layer.{top}." not in name:
+            assert torch.equal(weight, pretrained[name]), name
+        elif "LayerNorm.weight" in name:
+            assert torch.all(weight == 1), name
+        elif name.endswith("bias"):
+            assert torch.all(weight == 0), name
+        else:
+            assert not torch.equal(weight, pretrained[name]), name
+            assert weight.std().item() == pytest.approx(reinitialised.config.initializer_range, rel=0.2), name

@@ -1,7 +1,11 @@
 """`python train.py` end to end, as a subprocess on the tiny model (each run takes ~10-30 s, mostly imports)."""
 
 import json
+import math
 import shutil
+import warnings
+from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -103,3 +107,32 @@ def test_help_lists_model_data_trainer_and_callback_options(tmp_path):
                    "--save_last_every_minutes"):
         assert option in result.stdout
 
+
+
+def test_early_stopping_waits_for_warmup_to_end():
+    from train import EarlyStoppingAfterWarmup
+
+    callback = EarlyStoppingAfterWarmup(monitor="val_mcc", mode="max", patience=1)
+    checked = []
+    with mock.patch("pytorch_lightning.callbacks.EarlyStopping._run_early_stopping_check", lambda self, t: checked.append(t.global_step)):
+        for step in (5, 9, 10, 20):
+            callback._run_early_stopping_check(SimpleNamespace(global_step=step, lightning_module=SimpleNamespace(warmup_steps=10)))
+    assert checked == [10, 20]
+
+
+def test_sanity_checks_log_class_balance_initial_loss_and_warn_on_one_class_model(trained):
+    from train import SanityChecks
+
+    _, result = trained
+    output = result.stdout + result.stderr
+    assert "train: 48 sentences, " in output and "% acceptable" in output
+    initial_loss = float(output.split("loss at initialisation ")[1].split()[0])
+    assert abs(initial_loss - math.log(2)) < 0.1
+    model = SimpleNamespace(warmup_steps=10, hparams=SimpleNamespace(learning_rate=1e-3))
+    trainer = SimpleNamespace(sanity_checking=False, global_step=12, callback_metrics={"val_mcc": torch.tensor(0.0)})
+    with pytest.warns(UserWarning, match="val_mcc is 0 after warmup.*learning rate"):
+        SanityChecks().on_validation_end(trainer, model)
+    trainer.global_step = 8  # still warming up: a one-class model is normal there
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SanityChecks().on_validation_end(trainer, model)
