@@ -1,12 +1,15 @@
-"""Inference speed: cold start of `python inference.py` and batched throughput, each against the naive way.
+"""Inference speed and quality: plain transformers against ColaPredictor's backends, and cold start.
 
     python benchmarks/inference_speed.py --checkpoint logs/cola/version_0/checkpoints/best-....ckpt \
         --sentences ../shared/data/cola/dev.tsv
 
-Cold start is process start to printed answer, median of --repeats runs, against the seed approach
-(`ColaModel.load_from_checkpoint`, which imports Lightning and rebuilds the tokenizer from the original
-model). Throughput is sentences/s of `ColaPredictor.predict` on the whole file, batched, against
-calling it one sentence at a time, with the ONNX Runtime and the PyTorch backends.
+One row per way of predicting (`inference_rows`, also imported by other scripts): sentences/s of
+batches of 64 over the whole GLUE TSV; p50/p95 latency of one-sentence calls over its first
+--loop_limit sentences; val MCC of the predictions against the file's labels; and the largest
+difference of its probabilities from the reference row's, plain transformers in PyTorch fp32.
+Cold start is process start to printed answer of `python inference.py`, median of --repeats runs,
+against the seed approach (`ColaModel.load_from_checkpoint`, which imports Lightning and rebuilds
+the tokenizer from the original model).
 """
 
 import argparse
@@ -16,13 +19,27 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
+import onnxruntime
 import torch
+import transformers
+from sklearn.metrics import matthews_corrcoef
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from inference import ColaPredictor  # noqa: E402
+from data import DataError, read_glue_tsv  # noqa: E402
+from inference import (  # noqa: E402
+    BATCH_SIZE, ColaPredictor, InputError, load_checkpoint, load_torch_model, model_facts, resolve_checkpoint,
+)
 
+REFERENCE = "HF transformers, PyTorch (reference)"
+OURS = {
+    "torch": "ColaPredictor, PyTorch (--backend torch)",
+    "onnx": "ColaPredictor, ONNX Runtime fp32 (default)",
+    "onnx-int8": "ColaPredictor, ONNX Runtime int8 (--backend onnx-int8)",
+}
 SENTENCE = "The boy is sitting on a bench."
 SEED_APPROACH = """
 import sys, torch
@@ -35,6 +52,67 @@ with torch.no_grad():
 print(model.model.config.id2label[int(probs.argmax())], float(probs.max()))
 """
 
+Predict = Callable[[list[str]], np.ndarray]  # sentences -> probabilities, one row per sentence
+
+
+def reference_predict(checkpoint: str) -> Predict:
+    """What a transformers user writes: the model and tokenizer called directly, batches in file order."""
+    contents = load_checkpoint(resolve_checkpoint(Path(checkpoint)))
+    model, tokenizer = load_torch_model(contents)
+    max_length = model_facts(contents)["max_length"]
+
+    @torch.inference_mode()
+    def predict(sentences: list[str]) -> np.ndarray:
+        batches = [sentences[i : i + BATCH_SIZE] for i in range(0, len(sentences), BATCH_SIZE)]
+        encoded = (tokenizer(b, padding=True, truncation=True, max_length=max_length, return_tensors="pt") for b in batches)
+        return np.concatenate([model(**e).logits.softmax(-1).numpy() for e in encoded])
+
+    return predict
+
+
+def our_predict(checkpoint: str, backend: str) -> Predict:
+    predictor = ColaPredictor(checkpoint, backend=backend)  # builds the ONNX caches if missing: not timed
+    return lambda sentences: np.array([list(r["probabilities"].values()) for r in predictor.predict(sentences)])
+
+
+def measure(predict: Predict, sentences: list[str], loop_limit: int) -> tuple[np.ndarray, float, list[float]]:
+    """Probabilities for all sentences, sentences/s batched, and each one-sentence call's seconds."""
+    predict(sentences[:BATCH_SIZE])  # warm-up: first-call allocations and kernel choices
+    start = time.perf_counter()
+    probabilities = predict(sentences)
+    rate = len(sentences) / (time.perf_counter() - start)
+    latencies = []
+    for sentence in sentences[:loop_limit]:
+        start = time.perf_counter()
+        predict([sentence])
+        latencies.append(time.perf_counter() - start)
+    return probabilities, rate, latencies
+
+
+def inference_rows(checkpoint: str, tsv: str, loop_limit: int = 300) -> list[dict]:
+    """One dict per way of predicting, the reference first: name, sentences_per_s, p50_ms, p95_ms, val_mcc,
+    max_abs_prob_diff (from the reference's probabilities; None for the reference)."""
+    examples = list(read_glue_tsv(Path(tsv)))
+    sentences, labels = [e["sentence"] for e in examples], [e["label"] for e in examples]
+    # Built one at a time, so that only one model is in memory.
+    makers = [(REFERENCE, lambda: reference_predict(checkpoint))]
+    makers += [(name, lambda backend=backend: our_predict(checkpoint, backend)) for backend, name in OURS.items()]
+    rows, reference = [], None
+    for name, make in makers:
+        probabilities, rate, latencies = measure(make(), sentences, loop_limit)
+        if reference is None:
+            reference = probabilities
+        p50, p95 = np.percentile(np.array(latencies) * 1000, [50, 95])
+        rows.append({
+            "name": name,
+            "sentences_per_s": rate,
+            "p50_ms": float(p50),
+            "p95_ms": float(p95),
+            "val_mcc": float(matthews_corrcoef(labels, probabilities.argmax(axis=1))),
+            "max_abs_prob_diff": None if name == REFERENCE else float(np.abs(probabilities - reference).max()),
+        })
+    return rows
+
 
 def median_seconds(command: list[str], repeats: int) -> float:
     times = []
@@ -45,41 +123,46 @@ def median_seconds(command: list[str], repeats: int) -> float:
     return statistics.median(times)
 
 
+def print_rows(rows: list[dict]) -> None:
+    reference = rows[0]
+    print(f"{'predictor':<56} {'sent/s':>7} {'x ref':>6} {'p50 ms':>7} {'p95 ms':>7} {'x ref':>6} {'val MCC':>8} {'max |dp|':>9}")
+    for row in rows:
+        diff = "-" if row["max_abs_prob_diff"] is None else f"{row['max_abs_prob_diff']:.1e}"
+        print(
+            f"{row['name']:<56} {row['sentences_per_s']:>7.1f} {row['sentences_per_s'] / reference['sentences_per_s']:>6.2f}"
+            f" {row['p50_ms']:>7.2f} {row['p95_ms']:>7.2f} {reference['p50_ms'] / row['p50_ms']:>6.2f}"
+            f" {row['val_mcc']:>8.4f} {diff:>9}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--sentences", required=True, help="a GLUE TSV (sentence in column 4) or one sentence a line")
+    parser.add_argument("--sentences", required=True, help="a GLUE-layout TSV with labels, e.g. CoLA's dev.tsv")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--loop_limit", type=int, default=300, help="sentences timed in the one-at-a-time loop")
+    parser.add_argument("--loop_limit", type=int, default=300, help="sentences timed one call each")
     args = parser.parse_args()
 
-    ours = median_seconds([sys.executable, "inference.py", "--checkpoint", args.checkpoint, SENTENCE], args.repeats)
-    seed = median_seconds([sys.executable, "-c", SEED_APPROACH, args.checkpoint, SENTENCE], args.repeats)
+    checkpoint = str(Path(args.checkpoint).resolve())  # the cold-start commands run in the repository
+    # The rows first: bad input fails at once, and the ONNX cache exists before cold starts are timed.
+    rows = inference_rows(checkpoint, args.sentences, args.loop_limit)
+    ours = median_seconds([sys.executable, "inference.py", "--checkpoint", checkpoint, SENTENCE], args.repeats)
+    seed = median_seconds([sys.executable, "-c", SEED_APPROACH, checkpoint, SENTENCE], args.repeats)
 
-    lines = Path(args.sentences).read_text(encoding="utf-8").splitlines()
-    sentences = [line.split("\t")[3] if line.count("\t") == 3 else line for line in lines]
-    rates = {}
-    for backend in ("onnx", "torch"):
-        predictor = ColaPredictor(args.checkpoint, backend=backend)
-        predictor.predict(sentences[:64])  # warm-up
-        start = time.perf_counter()
-        predictor.predict(sentences)
-        rates[f"batched, {backend}"] = len(sentences) / (time.perf_counter() - start)
-        start = time.perf_counter()
-        for sentence in sentences[: args.loop_limit]:
-            predictor.predict([sentence])
-        rates[f"one at a time, {backend}"] = min(len(sentences), args.loop_limit) / (time.perf_counter() - start)
-
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)")
-    print(f"{'measure':<48} {'value':>8}")
+    print(
+        f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"onnxruntime {onnxruntime.__version__}, transformers {transformers.__version__}"
+    )
     print(f"{'cold start, inference.py (s, median)':<48} {ours:>8.2f}")
     print(f"{'cold start, load_from_checkpoint (s, median)':<48} {seed:>8.2f}")
     print(f"{'cold start ratio (ours / seed)':<48} {ours / seed:>8.2f}")
-    for name, rate in rates.items():
-        print(f"{name + ', sentences/s':<48} {rate:>8.1f}")
-    for loop in ("onnx", "torch"):
-        ratio = rates["batched, onnx"] / rates[f"one at a time, {loop}"]
-        print(f"{'batched onnx / one at a time ' + loop:<48} {ratio:>8.1f}")
+    print()
+    print_rows(rows)
+    print("x ref: speedup over the reference, in sentences/s (batched) and in p50 latency (one sentence a call)")
+
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (InputError, DataError) as e:
+        sys.exit(f"error: {e}")
