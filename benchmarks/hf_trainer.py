@@ -10,6 +10,7 @@ import argparse
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -18,11 +19,55 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
+    PreTrainedTokenizerBase,
     Trainer,
     TrainingArguments,
 )
 
 from data import SPLIT_FILES, read_glue_tsv
+
+
+MAX_LENGTH = 128  # as train.py's --data.max_length and run_glue.py's --max_seq_length
+
+
+def load_split(
+    tokenizer: PreTrainedTokenizerBase, data_dir: str | Path, split: str, padding: str = "dynamic"
+) -> datasets.Dataset:
+    """One split ("train" or "validation") of local GLUE CoLA files, tokenized and truncated to 128 tokens.
+
+    padding "dynamic" leaves padding to the collator (per batch); "max_length" pads every sentence to 128
+    tokens here, as run_glue.py does by default.
+    """
+    rows = list(read_glue_tsv(Path(data_dir) / SPLIT_FILES[split]))
+    pad_to: str | bool = "max_length" if padding == "max_length" else False
+    return datasets.Dataset.from_list(rows).map(
+        lambda b: tokenizer(b["sentence"], padding=pad_to, max_length=MAX_LENGTH, truncation=True),
+        batched=True,
+        remove_columns=["sentence"],
+    )
+
+
+def training_arguments(
+    output_dir: str, *, batch_size: int, learning_rate: float, epochs: float, max_steps: int, sampling: str,
+    seed: int, **overrides: Any,
+) -> TrainingArguments:
+    """train.py's recipe as TrainingArguments: AdamW with weight decay 0.01 (none on biases and LayerNorm),
+    linear warmup over 10% of the steps then linear decay; no checkpoints, no experiment trackers."""
+    return TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
+        learning_rate=learning_rate,
+        weight_decay=0.01,
+        warmup_steps=0.1,  # a float below 1 is a ratio of all steps in transformers 5
+        num_train_epochs=epochs,
+        max_steps=max_steps,
+        save_strategy="no",
+        train_sampling_strategy=sampling,
+        report_to="none",
+        seed=seed,
+        **overrides,
+    )
 
 
 def main() -> None:
@@ -41,43 +86,28 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
-    padding = "max_length" if args.padding == "max_length" else False
-
-    def load(split: str) -> datasets.Dataset:
-        rows = list(read_glue_tsv(Path(args.data_dir) / SPLIT_FILES[split]))
-        dataset = datasets.Dataset.from_list(rows)
-        return dataset.map(
-            lambda b: tokenizer(b["sentence"], padding=padding, max_length=128, truncation=True),
-            batched=True,
-            remove_columns=["sentence"],
-        )
 
     def compute_metrics(eval_pred) -> dict:
         logits, labels = eval_pred
         return {"mcc": matthews_corrcoef(labels, np.argmax(logits, axis=-1))}
 
     with tempfile.TemporaryDirectory() as output_dir:
-        training_args = TrainingArguments(
-            output_dir=output_dir,
-            per_device_train_batch_size=args.batch_size,
-            per_device_eval_batch_size=args.batch_size,
+        training_args = training_arguments(
+            output_dir,
+            batch_size=args.batch_size,
             learning_rate=args.learning_rate,
-            weight_decay=0.01,
-            warmup_steps=0.1,  # a float below 1 is a ratio of all steps in transformers 5
-            num_train_epochs=args.epochs,
+            epochs=args.epochs,
             max_steps=args.max_steps,
-            eval_strategy="epoch" if args.max_steps < 0 else "no",
-            save_strategy="no",
-            logging_strategy="epoch",
-            train_sampling_strategy=args.sampling,
-            report_to="none",
+            sampling=args.sampling,
             seed=args.seed,
+            eval_strategy="epoch" if args.max_steps < 0 else "no",
+            logging_strategy="epoch",
         )
         trainer = Trainer(
             model=model,
             args=training_args,
-            train_dataset=load("train"),
-            eval_dataset=load("validation"),
+            train_dataset=load_split(tokenizer, args.data_dir, "train", args.padding),
+            eval_dataset=load_split(tokenizer, args.data_dir, "validation", args.padding),
             data_collator=DataCollatorWithPadding(tokenizer),
             compute_metrics=compute_metrics,
         )

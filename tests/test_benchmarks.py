@@ -1,0 +1,62 @@
+"""benchmarks/speed.py: its arithmetic, and one quick run of two rows on the tiny model (~30 s, mostly imports)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.speed import Settings, add_ratios, summarize
+from conftest import REPO
+
+
+def settings(**changes) -> Settings:
+    values = dict(
+        model="m", data_dir="d", batch_size=2, learning_rate=2e-5, seed=42, precision="32-true", warmup_steps=1,
+        timed_steps=2, train_sentences=8, steps_per_epoch=4, steps=4,
+    )
+    return Settings(**{**values, **changes})
+
+
+def test_summary_covers_the_steps_after_warmup_and_the_whole_epoch():
+    raw = {
+        "steps": 4,
+        "times": {"epoch_begin": 10.0, "window_begin": 11.0, "window_end": 13.0, "epoch_end": 14.0},
+        "batches": [[2, 99, 99], [2, 10, 12], [2, 6, 8], [2, 99, 99]],  # steps 2 and 3 are timed
+    }
+    row = summarize("ours", raw, settings())
+    assert row["samples_per_s"] == 2.0 and row["real_tokens_per_s"] == 8.0 and row["padded_tokens_per_s"] == 10.0
+    assert row["pad_share"] == pytest.approx(0.2) and row["epoch_s"] == 4.0 and row["timed_steps"] == "2-3"
+    assert summarize("ours", raw, settings(steps_per_epoch=10))["epoch_s"] is None  # --max_steps: not an epoch
+
+    hf = summarize("hf_random", {**raw, "times": {**raw["times"], "window_end": 15.0}}, settings())
+    rows = [row, hf]
+    add_ratios(rows)
+    assert hf["samples_per_s_vs_ours"] == 0.5 and hf["ours_is_x_faster"] == 2.0 and row["ours_is_x_faster"] == 1.0
+
+
+def test_speed_runs_ours_and_the_trainer_on_the_tiny_model(tmp_path, tiny_model_dir, tiny_data_dir):
+    report = tmp_path / "speed.json"
+    result = subprocess.run(
+        [
+            sys.executable, str(REPO / "benchmarks" / "speed.py"),
+            "--model", str(tiny_model_dir), "--data_dir", str(tiny_data_dir),
+            "--rows", "ours,hf_grouped", "--batch_size", "8", "--max_steps", "4", "--warmup_steps", "1",
+            "--timed_steps", "3", "--no_inference", "--in_process", "--json", str(report),
+        ],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        # One thread: on a small shared CPU, two threads' barriers can stall a step for a second when a core is
+        # busy elsewhere (seen on a 2-core VM); this test checks that the script works, not the numbers.
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(report.read_text())["rows"]
+    assert [row["row"] for row in rows] == ["ours", "hf_grouped"]
+    for row in rows:
+        assert row["steps"] == 4 and row["samples_per_s"] > 0 and row["real_tokens_per_s"] > 0
+        assert row["epoch_s"] is None  # 4 of the epoch's 6 steps
+    table = result.stdout.splitlines()
+    assert any(line.startswith("ours ") for line in table) and any(line.startswith("hf_grouped ") for line in table)
+    assert "ours is Nx faster" in result.stdout and "pytorch-lightning" in result.stdout
+    assert not (tmp_path / "logs").exists()  # ours logged to its temporary folder
