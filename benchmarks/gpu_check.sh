@@ -3,7 +3,7 @@
 #   1. speed: benchmarks/speed.py on a BERT-base-sized model (random weights), bf16-mixed and fp32,
 #      ours against the HF Trainer, GPU otherwise idle; then train.py's whole 3-epoch run in bf16;
 #   2. the test suite on CUDA, beside
-#   3. a quality sweep of MiniLM-L6 recipes (ours and the HF Trainer, 3 seeds each, fp32), several runs
+#   3. a quality sweep of MiniLM-L6 recipes (ours and the HF Trainer, 3 seeds each, fp32/TF32), several runs
 #      at a time: small models leave most of a large GPU idle.
 # Inputs the device machine cannot download travel with the tree, prepared here (see README, "GPU check"):
 #   .carry/cola/{train,dev}.tsv, .carry/minilm/ (MiniLM-L6 with fp16 weights: half the size to carry;

@@ -240,7 +240,7 @@ def run_hf(name: str, settings: Settings, workdir: Path) -> dict:
         seed=settings.seed,
         eval_strategy="no",  # the timed epoch is training steps only
         bf16=settings.precision == "bf16-mixed",
-        tf32=False,  # train.py leaves TF32 matmuls off (torch's default; Lightning only suggests turning it on)
+        tf32=torch.cuda.is_available() or None,  # as train.py: TF32 matrix products on GPUs
         dataloader_pin_memory=torch.cuda.is_available(),  # as data.py
         logging_steps=10,  # train.py's log_every_n_steps
         optim="adamw_torch_fused",  # model.py's fused AdamW (the Trainer's default too, in transformers 5)
@@ -495,8 +495,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=2e-5)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--precision", choices=["32-true", "bf16-mixed"],
-                        help="default: train.py's (bf16-mixed on GPUs that support it, else 32-true)")
+    parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true",
+                        help="train.py's default is 32-true (with TF32 matrix products on GPUs)")
     parser.add_argument("--warmup_steps", type=int, default=10, help="untimed steps first")
     parser.add_argument("--timed_steps", type=int, default=100, help="steps that samples/s and tokens/s cover")
     parser.add_argument("--max_steps", type=int, help="stop each row after this many steps (default: one epoch)")
@@ -534,10 +534,6 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
             f"error: {args.warmup_steps} warm-up + {args.timed_steps} timed steps, but each row trains {steps} steps"
             " (an epoch or --max_steps): lower --warmup_steps/--timed_steps"
         )
-    if args.precision is None:
-        from train import default_precision
-
-        args.precision = default_precision()
     return Settings(
         model=args.model, data_dir=str(Path(args.data_dir).resolve()), batch_size=args.batch_size,
         learning_rate=args.learning_rate, seed=args.seed, precision=args.precision, warmup_steps=args.warmup_steps,

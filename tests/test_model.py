@@ -1,10 +1,12 @@
 import math
+import shutil
 from types import SimpleNamespace
 from unittest import mock
 
 import pytest
 import torch
 from sklearn.metrics import matthews_corrcoef
+from transformers import BertConfig, BertForSequenceClassification
 
 from model import ColaModel, MatthewsCorrCoef
 from test_data import make_datamodule
@@ -122,3 +124,15 @@ def test_reinit_layers_resets_only_the_top_layers(tiny_model_dir):
         else:
             assert not torch.equal(weight, pretrained[name]), name
             assert weight.std().item() == pytest.approx(reinitialised.config.initializer_range, rel=0.2), name
+
+
+def test_default_learning_rate_follows_model_size(tiny_model_dir, tmp_path):
+    assert ColaModel(str(tiny_model_dir)).hparams.learning_rate == 1e-4  # hidden 32: a small model
+    wide = BertForSequenceClassification(
+        BertConfig(vocab_size=30, hidden_size=768, num_hidden_layers=1, num_attention_heads=12, intermediate_size=64)
+    )
+    wide.save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, tmp_path / name)
+    assert ColaModel(str(tmp_path)).hparams.learning_rate == 2e-5  # BERT-base width: the BERT paper's
+    assert ColaModel(str(tmp_path), learning_rate=3e-5).hparams.learning_rate == 3e-5
