@@ -235,7 +235,7 @@ class ColaDataModule(pl.LightningDataModule):
             **kwargs,
             batch_size=self.hparams.batch_size,
             sampler=sampler,
-            # Multiples of 8 tokens keep bf16 matrix shapes aligned to the GPU's tensor cores.
+            # Multiples of 8 tokens keep matrix shapes aligned to the GPU's tensor cores (TF32 and bf16).
             collate_fn=DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=8 if gpu else None),
             num_workers=workers,
             persistent_workers=workers > 0,

@@ -120,8 +120,8 @@ class SanityChecks(Callback):
         if float(trainer.callback_metrics.get("val_mcc", 1.0)) == 0.0:
             rank_zero_warn(
                 f"val_mcc is 0 after warmup (step {trainer.global_step}): the model predicts one class only."
-                f" The usual cause is the learning rate ({model.hparams.learning_rate:g}): try a lower one;"
-                " for small models, also a higher one"
+                f" The usual cause is the learning rate ({model.hparams.learning_rate:g}): too high makes the model"
+                " collapse to the majority class; try a lower one"
             )
 
 
