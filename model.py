@@ -83,6 +83,7 @@ class ColaModel(pl.LightningModule):
         reinit_layers: int = 0,
     ) -> None:
         super().__init__()
+        self.save_hyperparameters()
         with explain_hub_errors("model", model_name_or_path):
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 model_name_or_path,
@@ -95,8 +96,7 @@ class ColaModel(pl.LightningModule):
         # without this, dropout would stay off during fine-tuning.
         self.model.train()
         if learning_rate is None:
-            learning_rate = 2e-5 if self.model.config.hidden_size >= 768 else 1e-4
-        self.save_hyperparameters()  # after the line above: hparams.yaml and checkpoints record the rate used
+            self.hparams.learning_rate = 2e-5 if self.model.config.hidden_size >= 768 else 1e-4
         for layer in self.model.base_model.encoder.layer[len(self.model.base_model.encoder.layer) - reinit_layers :]:
             reinitialise(layer, std=self.model.config.initializer_range)
         self.warmup_steps = 0  # set by configure_optimizers; early stopping waits for it (train.py)
