@@ -97,6 +97,9 @@ class ColaModel(pl.LightningModule):
         self.model.train()
         if learning_rate is None:
             self.hparams.learning_rate = 2e-5 if self.model.config.hidden_size >= 768 else 1e-4
+            # Again, with the rate resolved, so that hparams.yaml and checkpoints record the rate used, not null.
+            # (An explicit dict: under LightningCLI a plain call would record the parsed arguments again.)
+            self.save_hyperparameters(dict(self.hparams))
         for layer in self.model.base_model.encoder.layer[len(self.model.base_model.encoder.layer) - reinit_layers :]:
             reinitialise(layer, std=self.model.config.initializer_range)
         self.warmup_steps = 0  # set by configure_optimizers; early stopping waits for it (train.py)

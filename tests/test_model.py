@@ -136,3 +136,14 @@ def test_default_learning_rate_follows_model_size(tiny_model_dir, tmp_path):
         shutil.copy(tiny_model_dir / name, tmp_path / name)
     assert ColaModel(str(tmp_path)).hparams.learning_rate == 2e-5  # BERT-base width: the BERT paper's
     assert ColaModel(str(tmp_path), learning_rate=3e-5).hparams.learning_rate == 3e-5
+
+
+def test_resolved_learning_rate_is_what_hparams_yaml_and_checkpoints_record(tiny_model_dir, tiny_data_dir):
+    # Through LightningCLI, which hands save_hyperparameters the parsed arguments (learning_rate: null).
+    from train import ColaCLI, ColaDataModule
+
+    args = ["--model.model_name_or_path", str(tiny_model_dir), "--data.data_dir", str(tiny_data_dir), "--trainer.logger", "false"]
+    cli = ColaCLI(ColaModel, ColaDataModule, run=False, args=args)
+    assert cli.config.model.learning_rate is None
+    assert cli.model.hparams_initial.learning_rate == 1e-4  # what the logger writes to hparams.yaml
+    assert cli.model.hparams.learning_rate == 1e-4
