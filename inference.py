@@ -110,7 +110,8 @@ def model_facts(checkpoint: dict) -> dict:
 
 
 def load_torch_model(checkpoint: dict):
-    """The checkpoint's transformers model, in eval mode, and its transformers tokenizer."""
+    """The checkpoint's transformers model, in eval mode, and its transformers tokenizer.
+    (SentenceClassifier(model, pooling) turns it into the logits that training computed.)"""
     from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, AutoConfig, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
@@ -127,14 +128,21 @@ def load_torch_model(checkpoint: dict):
     return model, tokenizer
 
 
+def pooling(checkpoint: dict) -> str:
+    """How the checkpoint's model pools a sentence ("cls" or "mean", train.py's --model.pooling)."""
+    return checkpoint.get("hyper_parameters", {}).get("pooling", "cls")
+
+
 def build_onnx(checkpoint_path: Path, onnx_path: Path) -> None:
     """Export the checkpoint's model to ONNX (dynamic batch and sequence axes), facts in its metadata."""
     import onnx
     import torch
+    from model import SentenceClassifier
 
     checkpoint = load_checkpoint(checkpoint_path)
     print(f"Exporting {checkpoint_path.name} to ONNX, once, for fast start-up from now on...", file=sys.stderr)
-    model, tokenizer = load_torch_model(checkpoint)
+    hf_model, tokenizer = load_torch_model(checkpoint)
+    model = SentenceClassifier(hf_model, pooling(checkpoint))
     example = dict(tokenizer(["An example.", "A longer example sentence."], padding=True, return_tensors="pt"))
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     # The exporter reports progress on stdout and warns about internals: keep stdout for predictions.
@@ -211,7 +219,7 @@ class ColaPredictor:
             facts = model_facts(checkpoint)
             model, tokenizer = load_torch_model(checkpoint)
             self.input_names = tokenizer.model_input_names
-            self._logits = torch_logits_function(model)
+            self._logits = torch_logits_function(model, pooling(checkpoint))
         self.labels = facts["labels"] if isinstance(facts["labels"], list) else json.loads(facts["labels"])
         self.max_length = int(facts["max_length"])
         self.pad_token_id = int(facts["pad_token_id"])
@@ -268,22 +276,30 @@ class ColaPredictor:
         return {name: arrays[name] for name in self.input_names}
 
 
-def torch_logits_function(model) -> Callable[[dict], np.ndarray]:
+def torch_logits_function(model, pooling: str) -> Callable[[dict], np.ndarray]:
     import torch
+    from model import SentenceClassifier
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
+    classifier = SentenceClassifier(model, pooling).to(device)
 
     @torch.inference_mode()
     def logits(inputs: dict) -> np.ndarray:
-        return model(**{k: torch.from_numpy(v).to(device) for k, v in inputs.items()}).logits.float().cpu().numpy()
+        return classifier(**{k: torch.from_numpy(v).to(device) for k, v in inputs.items()}).float().cpu().numpy()
 
     return logits
 
 
 def export_hf(checkpoint_path: Path, out_dir: str) -> None:
     """A Hugging Face model folder: `pipeline("text-classification", model=out_dir)` loads it offline."""
-    model, tokenizer = load_torch_model(load_checkpoint(resolve_checkpoint(checkpoint_path)))
+    path = resolve_checkpoint(checkpoint_path)
+    checkpoint = load_checkpoint(path)
+    if pooling(checkpoint) != "cls":
+        raise InputError(
+            f"{path}: trained with --model.pooling {pooling(checkpoint)}, which transformers' pipeline() does not"
+            " do (it classifies the [CLS] vector); predict with inference.py instead"
+        )
+    model, tokenizer = load_torch_model(checkpoint)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 

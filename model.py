@@ -3,7 +3,7 @@
 import re
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -16,7 +16,7 @@ from torchmetrics.classification import (
     BinaryMatthewsCorrCoef,
     BinaryPrecisionRecallCurve,
 )
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, get_linear_schedule_with_warmup
 
 from data import LABEL_NAMES
 from hub import explain_hub_errors
@@ -24,6 +24,10 @@ from hub import explain_hub_errors
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite: training stops before that step reaches the weights."""
+
+
+class OptionError(ValueError):
+    """A model option that cannot work with the chosen model."""
 
 
 class MatthewsCorrCoef(BinaryMatthewsCorrCoef):
@@ -45,15 +49,35 @@ def layer_depth(parameter_name: str, num_layers: int) -> int:
     return 0 if ".embeddings." in parameter_name else num_layers
 
 
-def reinitialise(module: torch.nn.Module, std: float) -> None:
-    """BERT's initialisation, in place. (transformers 5's own _init_weights skips weights loaded from a checkpoint.)"""
-    for submodule in module.modules():
-        if isinstance(submodule, torch.nn.Linear):
-            torch.nn.init.normal_(submodule.weight, std=std)
-            torch.nn.init.zeros_(submodule.bias)
-        elif isinstance(submodule, torch.nn.LayerNorm):
-            torch.nn.init.ones_(submodule.weight)
-            torch.nn.init.zeros_(submodule.bias)
+def sentence_logits(model: PreTrainedModel, pooling: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of a transformers *ForSequenceClassification model for a batch of inputs (no labels).
+
+    "cls": the model's own head (BERT's: its pooler on the [CLS] vector, pretrained by next-sentence
+    prediction). "mean": the head's last linear layer on the average of the last layer's token vectors,
+    padding left out, as sentence-embedding models (e.g. all-MiniLM-L6-v2) were trained; their [CLS]
+    vector and pooler never were.
+    """
+    if pooling == "cls":
+        return model(**inputs).logits
+    hidden = model.base_model(**inputs).last_hidden_state
+    mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return model.classifier(model.dropout((hidden * mask).sum(1) / mask.sum(1)))
+
+
+class SentenceClassifier(torch.nn.Module):
+    """A trained *ForSequenceClassification model as inference runs and exports it: inputs in, logits out."""
+
+    def __init__(self, model: PreTrainedModel, pooling: str) -> None:
+        super().__init__()
+        self.model, self.pooling = model, pooling
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:  # BERT's tokenizer gives them; DistilBERT's does not
+            inputs["token_type_ids"] = token_type_ids
+        return sentence_logits(self.model, self.pooling, inputs)
 
 
 class ColaModel(pl.LightningModule):
@@ -69,7 +93,7 @@ class ColaModel(pl.LightningModule):
         layer_decay: layer-wise learning-rate decay: each layer below the top learns this much slower
             (1: one learning rate for all).
         head_learning_rate: learning rate of the new, randomly initialised classifier (None: learning_rate).
-        reinit_layers: re-initialise this many top encoder layers before fine-tuning.
+        pooling: how a sentence becomes one vector for the classifier: "cls" or "mean" (see sentence_logits).
     """
 
     def __init__(
@@ -80,7 +104,7 @@ class ColaModel(pl.LightningModule):
         warmup_ratio: float = 0.1,
         layer_decay: float = 1.0,
         head_learning_rate: Optional[float] = None,
-        reinit_layers: int = 0,
+        pooling: Literal["cls", "mean"] = "cls",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -100,8 +124,15 @@ class ColaModel(pl.LightningModule):
             # Again, with the rate resolved, so that hparams.yaml and checkpoints record the rate used, not null.
             # (An explicit dict: under LightningCLI a plain call would record the parsed arguments again.)
             self.save_hyperparameters(dict(self.hparams))
-        for layer in self.model.base_model.encoder.layer[len(self.model.base_model.encoder.layer) - reinit_layers :]:
-            reinitialise(layer, std=self.model.config.initializer_range)
+        if pooling == "mean":
+            head = {name for name, _ in self.model.named_children()} - {self.model.base_model_prefix}
+            if head != {"dropout", "classifier"} or not isinstance(self.model.classifier, torch.nn.Linear):
+                raise OptionError(
+                    f"--model.pooling mean needs a BERT-style head (one linear layer on the pooled vector);"
+                    f" {type(self.model).__name__} has its own: use --model.pooling cls"
+                )
+            if getattr(self.model.base_model, "pooler", None) is not None:
+                self.model.base_model.pooler.requires_grad_(False)  # unused: DDP fails on parameters without gradients
         self.warmup_steps = 0  # set by configure_optimizers; early stopping waits for it (train.py)
         self._tokenizer_files: dict[str, str] = {}
         self._rng_states: dict | None = None  # from the checkpoint a run resumes from
@@ -113,8 +144,13 @@ class ColaModel(pl.LightningModule):
         self.val_confusion = BinaryConfusionMatrix()
         self.val_pr_curve = BinaryPrecisionRecallCurve(thresholds=101)  # binned: constant memory, cheap DDP sync
 
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, cross-entropy loss) of a batch with labels."""
+        logits = sentence_logits(self.model, self.hparams.pooling, {k: v for k, v in batch.items() if k != "labels"})
+        return logits, torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.model(**batch).loss
+        _, loss = self(batch)
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["labels"].size(0))
         # A NaN or infinite loss would make every weight NaN at this step's optimizer step: stop before it,
         # on all DDP processes together (one stopping alone would leave the others waiting for its gradients).
@@ -128,10 +164,10 @@ class ColaModel(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        outputs = self.model(**batch)
+        logits, loss = self(batch)
         labels = batch["labels"]
-        prob_acceptable = outputs.logits.float().softmax(dim=-1)[:, 1]
-        self.val_loss.update(outputs.loss, weight=labels.size(0))
+        prob_acceptable = logits.float().softmax(dim=-1)[:, 1]
+        self.val_loss.update(loss, weight=labels.size(0))
         for metric in (self.val_metrics, self.val_confusion, self.val_pr_curve):
             metric.update(prob_acceptable, labels)
         self.log_dict(self.val_metrics, prog_bar=True)

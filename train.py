@@ -30,7 +30,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
 from data import ColaDataModule, DataError
 from hub import HubError
 from inference import InputError, load_checkpoint, run_numbers
-from model import ColaModel, NonFiniteLossError
+from model import ColaModel, NonFiniteLossError, OptionError
 
 RUN_VERSION_ENV = "COLA_RUN_VERSION"  # rank zero's run folder, for the DDP processes Lightning starts
 
@@ -339,7 +339,7 @@ def run() -> None:
     is one line on stderr (once under DDP) and exit status 1, not a traceback."""
     try:
         main()
-    except (DataError, HubError, CheckpointError, NonFiniteLossError) as e:
+    except (DataError, HubError, CheckpointError, NonFiniteLossError, OptionError) as e:
         if rank_zero_only.rank == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -102,7 +102,7 @@ for seed in 1 2 3; do
                   "--model.learning_rate 1e-4 --trainer.max_epochs 6" \
                   "--model.learning_rate 1e-4 --trainer.max_epochs 6 --model.head_learning_rate 1e-3" \
                   "--model.learning_rate 1e-4 --trainer.max_epochs 6 --model.layer_decay 0.9" \
-                  "--model.learning_rate 1e-4 --trainer.max_epochs 6 --model.reinit_layers 1" \
+                  "--model.learning_rate 1e-4 --trainer.max_epochs 6 --model.pooling mean" \
                   "--model.learning_rate 2e-4 --trainer.max_epochs 6" \
                   "--model.learning_rate 2e-4 --trainer.max_epochs 6 --model.layer_decay 0.8 --model.head_learning_rate 1e-3" \
                   "--model.learning_rate 1e-4 --trainer.max_epochs 6 --model.warmup_ratio 0.2" \

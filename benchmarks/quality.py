@@ -35,7 +35,8 @@ def run_seed(runner: str, seed: int, args: list[str]) -> dict:
         raise SystemExit(f"seed {seed} failed ({' '.join(command)}):\n{done.stderr[-2000:]}")
     if runner == "hf":
         result = json.loads(done.stdout.strip().splitlines()[-1])
-        return {"seed": seed, "best_val_mcc": result["best_val_mcc"], "train_seconds": result["train_runtime_s"]}
+        return {"seed": seed, "best_val_mcc": result["best_val_mcc"], "train_seconds": result["train_runtime_s"],
+                "val_mcc_per_epoch": result["val_mcc_per_epoch"]}
     run_dir = re.search(r"^Run folder \(metrics.json, TensorBoard\): (.+)$", done.stdout, re.MULTILINE).group(1)
     metrics = json.loads((REPO / run_dir / "metrics.json").read_text())
     return {"seed": seed, "best_val_mcc": metrics["best_val_mcc"], "train_seconds": metrics["train_seconds"],

@@ -2,6 +2,7 @@
 
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +88,14 @@ def trained(tmp_path_factory, tiny_model_dir, tiny_data_dir) -> tuple[Path, subp
     result = run_train(workdir, *tiny_train_args(tiny_model_dir, tiny_data_dir), "--trainer.max_epochs", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir, result
+
+
+def save_tiny_distilbert(model_dir: Path, tiny_model_dir: Path) -> Path:
+    """A DistilBERT (its own classification head: pre_classifier, then classifier) with the tiny tokenizer."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    config = DistilBertConfig(vocab_size=30, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+    DistilBertForSequenceClassification(config).save_pretrained(model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, model_dir / name)
+    return model_dir

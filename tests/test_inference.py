@@ -9,6 +9,8 @@ import sys
 import onnx
 import pytest
 import torch
+from tokenizers import Tokenizer
+from transformers import BertConfig, PreTrainedTokenizerFast
 
 from conftest import REPO, make_sentence
 from inference import ColaPredictor, InputError, export_hf, find_best_checkpoint
@@ -302,3 +304,29 @@ def test_undecodable_argument_is_one_line(trained):
     workdir, _ = trained
     line = one_line_error(run_inference(workdir, "The dog sat.", os.fsdecode(b"Caf\xe9.")))
     assert line == "error: argument 2 is not valid UTF-8"
+
+
+def test_mean_pooled_checkpoint_predicts_as_trained_in_every_backend(input_sensitive_checkpoint, tmp_path):
+    from transformers import BertForSequenceClassification
+
+    from model import sentence_logits
+
+    checkpoint = torch.load(input_sensitive_checkpoint, weights_only=True)
+    mean_pooled = tmp_path / "mean.ckpt"
+    torch.save({**checkpoint, "hyper_parameters": {"pooling": "mean"}}, mean_pooled)
+    rng = random.Random(2)
+    sentences = [make_sentence(rng) for _ in range(16)]
+
+    model = BertForSequenceClassification.from_pretrained(None, config=BertConfig(**checkpoint["hf_config"]),
+        state_dict={k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}).eval()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(checkpoint["tokenizer_files"]["tokenizer.json"]))
+    with torch.no_grad():
+        expected = [sentence_logits(model, "mean", dict(tokenizer([s], return_tensors="pt"))).softmax(-1)[0, 1].item()
+                    for s in sentences]
+    for backend in ("onnx", "torch"):
+        got = [r["probabilities"]["acceptable"] for r in ColaPredictor(mean_pooled, backend).predict(sentences, batch_size=5)]
+        assert got == pytest.approx(expected, abs=1e-4), backend
+    cls_head = [r["probabilities"]["acceptable"] for r in ColaPredictor(input_sensitive_checkpoint).predict(sentences)]
+    assert max(abs(a - b) for a, b in zip(cls_head, expected)) > 0.05  # same weights, other pooling: other answers
+    with pytest.raises(InputError, match="mean.ckpt: trained with --model.pooling mean.*pipeline"):
+        export_hf(mean_pooled, str(tmp_path / "export"))

@@ -8,7 +8,8 @@ import torch
 from sklearn.metrics import matthews_corrcoef
 from transformers import BertConfig, BertForSequenceClassification
 
-from model import ColaModel, MatthewsCorrCoef
+from conftest import save_tiny_distilbert
+from model import ColaModel, MatthewsCorrCoef, OptionError
 from test_data import make_datamodule
 
 
@@ -108,24 +109,6 @@ def test_layer_decay_and_head_learning_rate_give_each_parameter_its_rate(tiny_mo
     assert len(rate) == len(list(model.parameters()))
 
 
-def test_reinit_layers_resets_only_the_top_layers(tiny_model_dir):
-    torch.manual_seed(0)
-    pretrained = ColaModel(str(tiny_model_dir)).model.state_dict()
-    torch.manual_seed(0)
-    reinitialised = ColaModel(str(tiny_model_dir), reinit_layers=1).model
-    top = reinitialised.config.num_hidden_layers - 1
-    for name, weight in reinitialised.state_dict().items():
-        if f".layer.{top}." not in name:
-            assert torch.equal(weight, pretrained[name]), name
-        elif "LayerNorm.weight" in name:
-            assert torch.all(weight == 1), name
-        elif name.endswith("bias"):
-            assert torch.all(weight == 0), name
-        else:
-            assert not torch.equal(weight, pretrained[name]), name
-            assert weight.std().item() == pytest.approx(reinitialised.config.initializer_range, rel=0.2), name
-
-
 def test_default_learning_rate_follows_model_size(tiny_model_dir, tmp_path):
     assert ColaModel(str(tiny_model_dir)).hparams.learning_rate == 1e-4  # hidden 32: a small model
     wide = BertForSequenceClassification(
@@ -147,3 +130,37 @@ def test_resolved_learning_rate_is_what_hparams_yaml_and_checkpoints_record(tiny
     assert cli.config.model.learning_rate is None
     assert cli.model.hparams_initial.learning_rate == 1e-4  # what the logger writes to hparams.yaml
     assert cli.model.hparams.learning_rate == 1e-4
+
+
+def test_mean_pooling_averages_real_tokens_only_and_leaves_the_pooler_out(tiny_model_dir, tiny_data_dir):
+    torch.manual_seed(0)
+    model = ColaModel(str(tiny_model_dir), pooling="mean")
+    short, long = "the dog sat .", "the big dog sat on the mat near the cat ."
+    alone = model.tokenizer([short], return_tensors="pt")
+    padded = model.tokenizer([short, long], padding=True, return_tensors="pt")
+    assert padded["attention_mask"][0].sum() < padded["attention_mask"].size(1)  # the short one is padded
+    model.eval()
+    with torch.no_grad():
+        logits_alone = model({**alone, "labels": torch.tensor([1])})[0]
+        logits_padded = model({**padded, "labels": torch.tensor([1, 0])})[0]
+        hidden = model.model.base_model(**alone).last_hidden_state
+        by_hand = model.model.classifier(hidden.mean(dim=1))
+        cls_logits = model.model(**alone).logits
+    assert torch.allclose(logits_alone, logits_padded[:1], atol=1e-5)
+    assert torch.allclose(logits_alone, by_hand, atol=1e-6)
+    assert not torch.allclose(logits_alone, cls_logits, atol=1e-3)  # not the [CLS] head
+
+    # The pooler gets no gradient from the mean: frozen, and out of the optimizer (DDP rejects such parameters).
+    model.train()
+    batch = next(iter(make_datamodule(tiny_model_dir, tiny_data_dir, batch_size=8).train_dataloader()))
+    model(batch)[1].backward()
+    trainable = [p for group in model.parameter_groups() for p in group["params"]]
+    assert all(p.grad is not None for p in trainable)
+    assert not any(p.requires_grad for p in model.model.base_model.pooler.parameters())
+
+
+def test_mean_pooling_refuses_a_head_it_would_bypass(tmp_path, tiny_model_dir):
+    model_dir = save_tiny_distilbert(tmp_path, tiny_model_dir)
+    ColaModel(str(model_dir))  # its own head, on [CLS]: fine
+    with pytest.raises(OptionError, match="pooling mean needs a BERT-style head.*DistilBertForSequenceClassification"):
+        ColaModel(str(model_dir), pooling="mean")

@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from conftest import run_train, tiny_train_args
+from conftest import run_train, save_tiny_distilbert, tiny_train_args
 
 
 def test_run_writes_checkpoints_metrics_and_tensorboard(trained):
@@ -88,7 +88,8 @@ def test_bad_tsv_line_stops_with_one_line_error(tmp_path, tiny_model_dir, tiny_d
 
 
 def test_ddp_on_cpu_with_two_processes(tmp_path, tiny_model_dir, tiny_data_dir):
-    args = tiny_train_args(tiny_model_dir, tiny_data_dir)
+    # Mean pooling leaves BERT's pooler unused; DDP fails on trainable parameters that get no gradient.
+    args = [*tiny_train_args(tiny_model_dir, tiny_data_dir), "--model.pooling", "mean"]
     devices = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
     result = run_train(tmp_path, *args, *devices, "--trainer.max_epochs", "2")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -97,6 +98,15 @@ def test_ddp_on_cpu_with_two_processes(tmp_path, tiny_model_dir, tiny_data_dir):
     assert len(list(run_dirs[0].glob("checkpoints/best-*.ckpt"))) == 1
     metrics = json.loads((run_dirs[0] / "metrics.json").read_text())
     assert metrics["global_step"] == 2 * 48 // (8 * 2)  # each of 2 ranks sees half the data per epoch
+    checkpoint = torch.load(tmp_path / metrics["best_model_path"], map_location="cpu", weights_only=True)
+    assert checkpoint["hyper_parameters"]["pooling"] == "mean"  # so inference pools the same way
+
+
+def test_mean_pooling_on_a_model_with_its_own_head_is_one_line(tmp_path, tiny_model_dir, tiny_data_dir):
+    model_dir = save_tiny_distilbert(tmp_path / "distilbert", tiny_model_dir)
+    result = run_train(tmp_path, *tiny_train_args(model_dir, tiny_data_dir), "--model.pooling", "mean")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --model.pooling mean needs a BERT-style head")
 
 
 def test_help_lists_model_data_trainer_and_callback_options(tmp_path):
