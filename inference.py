@@ -110,8 +110,7 @@ def model_facts(checkpoint: dict) -> dict:
 
 
 def load_torch_model(checkpoint: dict):
-    """The checkpoint's transformers model, in eval mode, and its transformers tokenizer.
-    (SentenceClassifier(model, pooling) turns it into the logits that training computed.)"""
+    """The checkpoint's transformers model, in eval mode, and its transformers tokenizer."""
     from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, AutoConfig, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
@@ -133,16 +132,22 @@ def pooling(checkpoint: dict) -> str:
     return checkpoint.get("hyper_parameters", {}).get("pooling", "cls")
 
 
+def load_classifier(checkpoint: dict):
+    """The checkpoint's model as training computed its logits (inputs in, logits out), and its tokenizer."""
+    from model import SentenceClassifier  # Lightning comes with it: only the torch and export paths pay for it
+
+    model, tokenizer = load_torch_model(checkpoint)
+    return SentenceClassifier(model, pooling(checkpoint)), tokenizer
+
+
 def build_onnx(checkpoint_path: Path, onnx_path: Path) -> None:
     """Export the checkpoint's model to ONNX (dynamic batch and sequence axes), facts in its metadata."""
     import onnx
     import torch
-    from model import SentenceClassifier
 
     checkpoint = load_checkpoint(checkpoint_path)
     print(f"Exporting {checkpoint_path.name} to ONNX, once, for fast start-up from now on...", file=sys.stderr)
-    hf_model, tokenizer = load_torch_model(checkpoint)
-    model = SentenceClassifier(hf_model, pooling(checkpoint))
+    model, tokenizer = load_classifier(checkpoint)
     example = dict(tokenizer(["An example.", "A longer example sentence."], padding=True, return_tensors="pt"))
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     # The exporter reports progress on stdout and warns about internals: keep stdout for predictions.
@@ -217,9 +222,9 @@ class ColaPredictor:
         else:
             checkpoint = load_checkpoint(path)
             facts = model_facts(checkpoint)
-            model, tokenizer = load_torch_model(checkpoint)
+            classifier, tokenizer = load_classifier(checkpoint)
             self.input_names = tokenizer.model_input_names
-            self._logits = torch_logits_function(model, pooling(checkpoint))
+            self._logits = torch_logits_function(classifier)
         self.labels = facts["labels"] if isinstance(facts["labels"], list) else json.loads(facts["labels"])
         self.max_length = int(facts["max_length"])
         self.pad_token_id = int(facts["pad_token_id"])
@@ -276,12 +281,11 @@ class ColaPredictor:
         return {name: arrays[name] for name in self.input_names}
 
 
-def torch_logits_function(model, pooling: str) -> Callable[[dict], np.ndarray]:
+def torch_logits_function(classifier) -> Callable[[dict], np.ndarray]:
     import torch
-    from model import SentenceClassifier
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    classifier = SentenceClassifier(model, pooling).to(device)
+    classifier.to(device)
 
     @torch.inference_mode()
     def logits(inputs: dict) -> np.ndarray:
