@@ -94,6 +94,7 @@ class ColaModel(pl.LightningModule):
             (1: one learning rate for all).
         head_learning_rate: learning rate of the new, randomly initialised classifier (None: learning_rate).
         pooling: how a sentence becomes one vector for the classifier: "cls" or "mean" (see sentence_logits).
+        freeze_word_embeddings: keep the pretrained word vectors as they are (position and type vectors train).
     """
 
     def __init__(
@@ -105,6 +106,7 @@ class ColaModel(pl.LightningModule):
         layer_decay: float = 1.0,
         head_learning_rate: Optional[float] = None,
         pooling: Literal["cls", "mean"] = "cls",
+        freeze_word_embeddings: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -133,6 +135,11 @@ class ColaModel(pl.LightningModule):
                 )
             if getattr(self.model.base_model, "pooler", None) is not None:
                 self.model.base_model.pooler.requires_grad_(False)  # unused: DDP fails on parameters without gradients
+        if freeze_word_embeddings:
+            # The word vectors are half of a small model's weights (11.7M of MiniLM-L6's 22.7M), and CoLA's 7.5k
+            # training sentences touch few of the 30k words: moving those away from the rest cost 0.012 val MCC
+            # over 3 seeds (README, Results), and the steps are ~5% faster without their gradient and AdamW update.
+            self.model.get_input_embeddings().requires_grad_(False)
         self.warmup_steps = 0  # set by configure_optimizers; early stopping waits for it (train.py)
         self._tokenizer_files: dict[str, str] = {}
         self._rng_states: dict | None = None  # from the checkpoint a run resumes from

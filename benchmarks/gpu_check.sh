@@ -98,7 +98,7 @@ for seed in 1 2 3; do
                   "--learning_rate 1e-4 --epochs 8" "--learning_rate 5e-5 --epochs 8" "--learning_rate 2e-5 --epochs 8"; do
         jobs+=("$quality --runner hf --seeds $seed --label 'hf $recipe' -- $hf $recipe")
     done
-    for recipe in "--model.pooling mean --model.layer_decay 0.9 --model.head_learning_rate 1e-3 --trainer.max_epochs 5" \
+    for recipe in "--model.pooling mean --model.layer_decay 0.9 --model.head_learning_rate 1e-3 --model.freeze_word_embeddings true --trainer.max_epochs 5" \
                   "--model.learning_rate 1e-4 --trainer.max_epochs 3" \
                   "--model.learning_rate 1e-4 --trainer.max_epochs 6" \
                   "--model.learning_rate 1e-4 --trainer.max_epochs 6 --model.head_learning_rate 1e-3" \

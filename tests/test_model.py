@@ -164,3 +164,22 @@ def test_mean_pooling_refuses_a_head_it_would_bypass(tmp_path, tiny_model_dir):
     ColaModel(str(model_dir))  # its own head, on [CLS]: fine
     with pytest.raises(OptionError, match="pooling mean needs a BERT-style head.*DistilBertForSequenceClassification"):
         ColaModel(str(model_dir), pooling="mean")
+
+
+@pytest.mark.parametrize("model_kind", ["bert", "distilbert"])
+def test_frozen_word_embeddings_stay_pretrained_while_the_rest_trains(model_kind, tmp_path, tiny_model_dir, tiny_data_dir):
+    model_dir = tiny_model_dir if model_kind == "bert" else save_tiny_distilbert(tmp_path, tiny_model_dir)
+    torch.manual_seed(0)
+    model = ColaModel(str(model_dir), freeze_word_embeddings=True)
+    words = model.model.get_input_embeddings().weight
+    before = {name: p.detach().clone() for name, p in model.model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameter_groups(), lr=1e-2)
+    assert all(p is not words for group in optimizer.param_groups for p in group["params"])
+    batch = next(iter(make_datamodule(model_dir, tiny_data_dir, batch_size=8).train_dataloader()))
+    model(batch)[1].backward()
+    optimizer.step()
+    changed = {name for name, p in model.model.named_parameters() if not torch.equal(p, before[name])}
+    word_name = next(name for name, p in model.model.named_parameters() if p is words)
+    assert word_name not in changed and torch.equal(words, before[word_name])
+    assert any("position_embeddings" in name for name in changed)  # only the word vectors are frozen
+    assert any(name.startswith("classifier") for name in changed)
