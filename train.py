@@ -7,29 +7,25 @@
 """
 
 import json
-import math
 import os
-import shlex
-import signal
 import sys
-import threading
 import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
-import fsspec
 import torch
 from jsonargparse import Namespace
-from pytorch_lightning import Callback, Trainer
-from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, ThroughputMonitor, Timer
+from pytorch_lightning import Trainer
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor, Timer
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.plugins.io import TorchCheckpointIO
-from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+from callbacks import AtomicCheckpointIO, EarlyStoppingAfterWarmup, MidEpochCheckpoint, SanityChecks, StopOnCtrlC
+from checkpoints import CheckpointError, check_resumable, claim_run_version
 from data import ColaDataModule, DataError
 from hub import HubError
-from inference import InputError, load_checkpoint, run_numbers
 from model import ColaModel, NonFiniteLossError, OptionError
 
 RUN_VERSION_ENV = "COLA_RUN_VERSION"  # rank zero's run folder, for the DDP processes Lightning starts
@@ -40,172 +36,6 @@ warnings.filterwarnings("ignore", message=".*`flops_per_batch`.*")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 # Resuming mid-epoch, Lightning warns unless the DataLoader has state_dict(); ours resumes another way (data.py).
 warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
-
-
-class CheckpointError(Exception):
-    """A --ckpt_path that cannot be resumed from, reported as one line."""
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint beside its final name, then renames it over that name: a run killed while
-    saving leaves the previous file whole, at worst a `*.ckpt.partial` file to delete.
-
-    Lightning's own save writes to the system's temporary folder and then *moves* the file, which is a
-    copy straight into the final name when that folder is on another filesystem (tmpfs /tmp, say).
-    """
-
-    def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Optional[Any] = None) -> None:
-        if fsspec.utils.get_protocol(str(path)) != "file":  # s3:// and the like: Lightning's fsspec upload
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        with open(partial, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the name points at it, in case the machine goes down
-        os.replace(partial, path)
-
-
-def ends_an_epoch(trainer: Trainer) -> bool:
-    """Whether the training step just done was its epoch's last. A checkpoint saved there, before the epoch's
-    validation, resumes past that validation: Lightning 2.6 counts the epoch as finished. So none is saved there."""
-    return trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-
-
-class MidEpochCheckpoint(ModelCheckpoint):
-    """Saves last.ckpt during epochs too, every train_time_interval, so that a killed run loses little
-    (the first ModelCheckpoint saves the best and last.ckpt after each validation)."""
-
-    def on_train_batch_end(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
-        if not ends_an_epoch(trainer):
-            super().on_train_batch_end(trainer, *args, **kwargs)
-
-
-class EarlyStoppingAfterWarmup(EarlyStopping):
-    """Early stopping that starts watching once the learning-rate warmup has ended: during warmup val_mcc
-    often stays at 0 (the model first predicts the majority class), which would use up the patience."""
-
-    def _run_early_stopping_check(self, trainer: Trainer) -> None:
-        if trainer.global_step >= trainer.lightning_module.warmup_steps:
-            super()._run_early_stopping_check(trainer)
-
-
-class SanityChecks(Callback):
-    """Logs, before the run gets far, the facts that explain most failed CoLA runs: the class balance
-    (about 70% acceptable), a loss at initialisation far from ln 2, and a val_mcc still 0 after warmup."""
-
-    def on_train_start(self, trainer: Trainer, model: ColaModel) -> None:
-        for split, dataset in trainer.datamodule.splits.items():
-            labels = dataset["labels"]
-            fraction = sum(labels) / max(len(labels), 1)
-            rank_zero_info(f"{split}: {len(labels)} sentences, {fraction:.1%} acceptable")
-            if trainer.logger:
-                trainer.logger.log_metrics({f"data/{split}_acceptable_fraction": fraction}, step=0)
-
-    def on_train_batch_end(self, trainer: Trainer, model: ColaModel, outputs: Any, *_: Any) -> None:
-        if trainer.global_step != 1:  # the first step's loss was computed before any update: the loss at init
-            return
-        loss = float(outputs["loss"])
-        rank_zero_info(f"loss at initialisation {loss:.3f} (ln 2 = {math.log(2):.3f} for a fresh two-class head)")
-        if abs(loss - math.log(2)) > 0.25:
-            rank_zero_warn(
-                f"loss at initialisation is {loss:.3f}, far from ln 2 = 0.693: the classifier head is not fresh"
-                " (a fine-tuned model as --model.model_name_or_path?) or the labels are not 0/1"
-            )
-
-    def on_validation_end(self, trainer: Trainer, model: ColaModel) -> None:
-        if trainer.sanity_checking or trainer.global_step < model.warmup_steps:
-            return
-        if float(trainer.callback_metrics.get("val_mcc", 1.0)) == 0.0:
-            rank_zero_warn(
-                f"val_mcc is 0 after warmup (step {trainer.global_step}): the model predicts one class only."
-                f" The usual cause is the learning rate ({model.hparams.learning_rate:g}): too high makes the model"
-                " collapse to the majority class; try a lower one"
-            )
-
-
-def resume_command(ckpt_path: str) -> str:
-    """This command line again, resuming from ckpt_path."""
-    args, skip = [], False
-    for arg in sys.argv[1:]:
-        if not skip and arg != "--ckpt_path" and not arg.startswith("--ckpt_path="):
-            args.append(arg)
-        skip = arg == "--ckpt_path"
-    return shlex.join(["python", sys.argv[0], *args, "--ckpt_path", ckpt_path])
-
-
-class StopOnCtrlC(Callback):
-    """Ctrl-C (SIGINT) stops training cleanly: the current training step finishes, last.ckpt is saved
-    there and the command to resume is printed. A second Ctrl-C stops at once, without saving.
-
-    Lightning's own handling stops wherever the program is, half-way through an optimizer step even; the
-    state there could not resume into the same run. Raising KeyboardInterrupt between steps lets Lightning
-    shut down as usual (on_exception hooks, DDP processes ended, exit status 1).
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._default_handler = None
-
-    def on_train_start(self, trainer: Trainer, *_: Any) -> None:
-        self.requested, self._is_global_zero = False, trainer.is_global_zero
-        if threading.current_thread() is threading.main_thread():  # signals reach only the main thread
-            self._default_handler = signal.signal(signal.SIGINT, self._request)
-
-    def _request(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, self._default_handler)  # the next Ctrl-C interrupts at once
-        if self._is_global_zero:
-            print("\nCtrl-C: stopping after this training step (Ctrl-C again stops at once, without saving)", file=sys.stderr)
-
-    def on_train_batch_end(self, trainer: Trainer, *_: Any) -> None:
-        if ends_an_epoch(trainer):  # stop after the next step instead, once the epoch is validated
-            return
-        requested = self.requested
-        if trainer.world_size > 1:  # any process's Ctrl-C stops all, after the same step
-            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
-        if not requested:
-            return
-        checkpoint = trainer.checkpoint_callback
-        if checkpoint is not None:
-            path = os.path.join(checkpoint.dirpath, checkpoint.CHECKPOINT_NAME_LAST + checkpoint.FILE_EXTENSION)
-            trainer.save_checkpoint(path, weights_only=False)  # everything, to resume from
-            if trainer.is_global_zero:
-                print(f"\nStopped at step {trainer.global_step}, saved {path}. Resume with:\n  {resume_command(path)}")
-        raise KeyboardInterrupt
-
-    def on_train_end(self, *_: Any) -> None:
-        if self._default_handler is not None and not self.requested:
-            signal.signal(signal.SIGINT, self._default_handler)
-
-
-def claim_run_version(root: Path) -> str:
-    """The next free version_N folder under root, created here. os.mkdir fails for all but one of several
-    runs that want the same N, so runs started at the same moment get different folders (the logger would
-    list the folders and create one later: both could pick the same)."""
-    root.mkdir(parents=True, exist_ok=True)
-    while True:
-        numbers = run_numbers(root)
-        version = f"version_{numbers[0] + 1 if numbers else 0}"
-        try:
-            (root / version).mkdir()
-            return version
-        except FileExistsError:
-            continue
-
-
-def check_resumable(ckpt_path: str) -> None:
-    """Refuse, in one line, a --ckpt_path that is missing, truncated, tampered with or not this project's,
-    before anything slow starts. Read like Lightning will: torch.load(weights_only=True), no pickled code."""
-    if not Path(ckpt_path).is_file():
-        raise CheckpointError(f"{ckpt_path}: checkpoint not found")
-    try:
-        checkpoint = load_checkpoint(Path(ckpt_path))
-    except InputError as e:
-        raise CheckpointError(str(e)) from None
-    if not {"loops", "optimizer_states"} <= checkpoint.keys():
-        raise CheckpointError(f"{ckpt_path}: holds model weights only, no training state to resume from")
 
 
 class ColaCLI(LightningCLI):

@@ -30,9 +30,9 @@ from sklearn.metrics import matthews_corrcoef
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from data import DataError, read_glue_tsv  # noqa: E402
-from inference import (  # noqa: E402
-    BATCH_SIZE, ColaPredictor, InputError, load_checkpoint, load_torch_model, model_facts, resolve_checkpoint,
-)
+from checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint  # noqa: E402
+from export import load_torch_model, model_facts  # noqa: E402
+from inference import BATCH_SIZE, ColaPredictor, InputError  # noqa: E402
 
 REFERENCE = "HF transformers, PyTorch (reference)"
 OURS = {
@@ -164,5 +164,5 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (InputError, DataError) as e:
+    except (InputError, CheckpointError, DataError) as e:
         sys.exit(f"error: {e}")

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 from transformers import BertConfig, PreTrainedTokenizerFast
 
 from conftest import REPO, make_sentence
+from checkpoints import CheckpointError
 from inference import ColaPredictor, InputError, export_hf, find_best_checkpoint
 
 SENTENCES = ["The dog sat on the mat.", "Mat the on sat dog the.", "A big cat ran quickly under the bench."]
@@ -243,7 +244,7 @@ def test_bad_checkpoints_are_refused_in_one_line(best_checkpoint, tmp_path, kind
         torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
     elif kind == "pickled-code":
         torch.save({"state_dict": {}, "hf_config": Exploit(), "tokenizer_files": {}}, path, pickle_module=pickle)
-    with pytest.raises(InputError, match=str(path)):
+    with pytest.raises(CheckpointError, match=str(path)):
         ColaPredictor(path)
     result = run_inference(tmp_path, "--checkpoint", str(path), "Hello.")
     line = one_line_error(result)
@@ -328,5 +329,5 @@ def test_mean_pooled_checkpoint_predicts_as_trained_in_every_backend(input_sensi
         assert got == pytest.approx(expected, abs=1e-4), backend
     cls_head = [r["probabilities"]["acceptable"] for r in ColaPredictor(input_sensitive_checkpoint).predict(sentences)]
     assert max(abs(a - b) for a, b in zip(cls_head, expected)) > 0.05  # same weights, other pooling: other answers
-    with pytest.raises(InputError, match="mean.ckpt: trained with --model.pooling mean.*pipeline"):
+    with pytest.raises(CheckpointError, match="mean.ckpt: trained with --model.pooling mean.*pipeline"):
         export_hf(mean_pooled, str(tmp_path / "export"))

@@ -20,6 +20,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import callbacks
+import checkpoints
 import train
 from conftest import REPO, tiny_train_args
 from data import ColaDataModule
@@ -199,7 +201,7 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_best_checkpoint(fault
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "checkpoints" / "best.ckpt"
-    io_plugin = train.AtomicCheckpointIO()
+    io_plugin = callbacks.AtomicCheckpointIO()
     io_plugin.save_checkpoint({"step": 1}, path)
 
     def dies_half_way(obj, f):
@@ -223,7 +225,7 @@ def test_run_folders_are_claimed_atomically(tmp_path):
 
     def claim():
         barrier.wait()
-        claimed.append(train.claim_run_version(tmp_path / "cola"))
+        claimed.append(checkpoints.claim_run_version(tmp_path / "cola"))
 
     threads = [threading.Thread(target=claim) for _ in range(8)]
     for thread in threads:

@@ -120,7 +120,7 @@ def test_help_lists_model_data_trainer_and_callback_options(tmp_path):
 
 
 def test_early_stopping_waits_for_warmup_to_end():
-    from train import EarlyStoppingAfterWarmup
+    from callbacks import EarlyStoppingAfterWarmup
 
     callback = EarlyStoppingAfterWarmup(monitor="val_mcc", mode="max", patience=1)
     checked = []
@@ -131,7 +131,7 @@ def test_early_stopping_waits_for_warmup_to_end():
 
 
 def test_sanity_checks_log_class_balance_initial_loss_and_warn_on_one_class_model(trained):
-    from train import SanityChecks
+    from callbacks import SanityChecks
 
     _, result = trained
     output = result.stdout + result.stderr

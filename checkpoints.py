@@ -1,0 +1,97 @@
+"""Run folders and checkpoint files: version numbering, best-checkpoint discovery, safe loading.
+
+Shared by train.py and inference.py. Imports no torch at module level: inference's fast path never
+opens a checkpoint, only the ONNX export cached for it.
+"""
+
+import json
+from pathlib import Path
+from typing import Optional
+
+LOG_DIR = Path("logs/cola")  # TensorBoardLogger's save_dir/name as train.py sets them
+
+
+class CheckpointError(Exception):
+    """A checkpoint or run folder that cannot be used, reported as one line."""
+
+
+def run_numbers(log_dir: Path) -> list[int]:
+    """The N of each version_N run folder under log_dir (TensorBoardLogger's layout), newest first."""
+    names = (d.name.removeprefix("version_") for d in log_dir.glob("version_*"))
+    return sorted((int(n) for n in names if n.isdigit()), reverse=True)
+
+
+def claim_run_version(root: Path) -> str:
+    """The next free version_N folder under root, created here. os.mkdir fails for all but one of several
+    runs that want the same N, so runs started at the same moment get different folders (the logger would
+    list the folders and create one later: both could pick the same)."""
+    root.mkdir(parents=True, exist_ok=True)
+    while True:
+        numbers = run_numbers(root)
+        version = f"version_{numbers[0] + 1 if numbers else 0}"
+        try:
+            (root / version).mkdir()
+            return version
+        except FileExistsError:
+            continue
+
+
+def find_best_checkpoint(log_dir: Path = LOG_DIR) -> Path:
+    """The checkpoint ModelCheckpoint marked best in the most recent run (highest version_N) that has one."""
+    for number in run_numbers(log_dir):
+        best = best_checkpoint_of_run(log_dir / f"version_{number}")
+        if best is not None:
+            return best
+    raise CheckpointError(f"no trained run under {log_dir}: train one first with `python train.py`, or pass --checkpoint")
+
+
+def best_checkpoint_of_run(run_dir: Path) -> Optional[Path]:
+    """metrics.json names the best checkpoint of a finished run; an unfinished run's last.ckpt remembers it."""
+    best_path = None
+    if (run_dir / "metrics.json").is_file():
+        best_path = json.loads((run_dir / "metrics.json").read_text())["best_model_path"]
+    elif (run_dir / "checkpoints" / "last.ckpt").is_file():
+        state = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["callbacks"]
+        best_path = next((v["best_model_path"] for k, v in state.items() if k.startswith("ModelCheckpoint")), None)
+    if not best_path:
+        return None
+    # The path was recorded relative to where training ran; the file sits in this run's checkpoints folder.
+    best = run_dir / "checkpoints" / Path(best_path).name
+    return best if best.is_file() else None
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A .ckpt file as given, or the best checkpoint of a run folder."""
+    if path.is_dir():
+        best = best_checkpoint_of_run(path)
+        if best is None:
+            raise CheckpointError(f"{path}: no best checkpoint in this run folder")
+        return best
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    """torch.load without executing pickled code (weights_only); memory-mapped, so the optimizer state
+    stored beside the weights costs nothing."""
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # RuntimeError, UnpicklingError, EOFError...: all mean "not a usable file"
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a loadable checkpoint (truncated, tampered or another format): {reason}")
+    if not isinstance(checkpoint, dict) or not {"hf_config", "tokenizer_files", "state_dict"} <= checkpoint.keys():
+        raise CheckpointError(f"{path}: not a checkpoint of this project (no model config or tokenizer inside)")
+    return checkpoint
+
+
+def check_resumable(ckpt_path: str) -> None:
+    """Refuse, in one line, a --ckpt_path that is missing, truncated, tampered with or not this project's,
+    before anything slow starts. Read like Lightning will: torch.load(weights_only=True), no pickled code."""
+    if not Path(ckpt_path).is_file():
+        raise CheckpointError(f"{ckpt_path}: checkpoint not found")
+    checkpoint = load_checkpoint(Path(ckpt_path))
+    if not {"loops", "optimizer_states"} <= checkpoint.keys():
+        raise CheckpointError(f"{ckpt_path}: holds model weights only, no training state to resume from")
