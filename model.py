@@ -49,6 +49,20 @@ def layer_depth(parameter_name: str, num_layers: int) -> int:
     return 0 if ".embeddings." in parameter_name else num_layers
 
 
+def group_name(parts: list[str], all_parts: list[str]) -> str:
+    """A parameter group's name from the model parts it holds, in all_parts' bottom-to-top order:
+    "all", "embeddings", "layer_5..head" (a run of neighbours), "embeddings+head"."""
+    if parts == all_parts:
+        return "all"
+    runs: list[list[str]] = []
+    for part in parts:
+        if runs and all_parts.index(part) == all_parts.index(runs[-1][-1]) + 1:
+            runs[-1].append(part)
+        else:
+            runs.append([part])
+    return "+".join(run[0] if len(run) == 1 else f"{run[0]}..{run[-1]}" for run in runs)
+
+
 def sentence_logits(model: PreTrainedModel, pooling: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits of a transformers *ForSequenceClassification model for a batch of inputs (no labels).
 
@@ -196,19 +210,30 @@ class ColaModel(pl.LightningModule):
                 logger.experiment.add_figure("val/precision_recall_curve", fig, self.current_epoch)
 
     def parameter_groups(self) -> list[dict]:
-        """AdamW groups: one per (learning rate, weight decay) pair that the recipe gives parameters."""
+        """AdamW groups: one per (learning rate, weight decay) pair that the recipe gives parameters, each named
+        for the model parts it holds ("-no_decay" without weight decay), so that LearningRateMonitor's charts
+        say what they show: `lr-AdamW/layer_3`, not `lr-AdamW/pg4`."""
         hp, num_layers = self.hparams, self.model.config.num_hidden_layers
+        part_order = ["embeddings", *(f"layer_{i}" for i in range(num_layers)), "pooler", "head"]  # bottom to top
         groups: dict[tuple, dict] = {}
         for name, param in self.model.named_parameters():
             if not param.requires_grad:
                 continue
             if name.startswith(self.model.base_model_prefix + "."):
-                lr = hp.learning_rate * hp.layer_decay ** (num_layers - layer_depth(name, num_layers))
+                depth = layer_depth(name, num_layers)
+                lr = hp.learning_rate * hp.layer_decay ** (num_layers - depth)
+                part = "pooler" if depth == num_layers and ".layer." not in name else part_order[depth]
             else:  # the classifier head, new
-                lr = hp.head_learning_rate or hp.learning_rate
+                lr, part = hp.head_learning_rate or hp.learning_rate, "head"
             weight_decay = hp.weight_decay if param.dim() >= 2 else 0.0  # none on biases and LayerNorm
-            group = groups.setdefault((lr, weight_decay), {"params": [], "lr": lr, "weight_decay": weight_decay})
+            group = groups.setdefault((lr, weight_decay), {"params": [], "lr": lr, "weight_decay": weight_decay, "parts": []})
             group["params"].append(param)
+            if part not in group["parts"]:
+                group["parts"].append(part)
+        present = [part for part in part_order if any(part in g["parts"] for g in groups.values())]
+        for group in groups.values():
+            parts = sorted(group.pop("parts"), key=part_order.index)
+            group["name"] = group_name(parts, present) + ("" if group["weight_decay"] else "-no_decay")
         return list(groups.values())
 
     def configure_optimizers(self) -> dict:

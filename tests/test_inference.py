@@ -37,6 +37,27 @@ def predictor(best_checkpoint):
     return ColaPredictor(best_checkpoint)
 
 
+def test_first_inference_after_training_needs_no_export(trained, tmp_path):
+    workdir, train_result = trained
+    exported = train_result.stdout.split("Exported for inference.py in ")[1].split(": ", 1)[1].splitlines()[0]
+    assert (workdir / exported).is_file() and exported.endswith(".onnx")
+    shutil.copytree(workdir / "logs", tmp_path / "logs")  # as left by train.py, whatever later tests do
+    result = run_inference(tmp_path, *SENTENCES)
+    assert result.returncode == 0 and result.stderr == ""
+    assert len(result.stdout.splitlines()) == len(SENTENCES)
+
+
+def test_an_export_on_first_use_prints_one_line_of_progress_and_no_library_warnings(trained, tmp_path):
+    workdir, _ = trained
+    shutil.copytree(workdir / "logs", tmp_path / "logs")
+    for onnx_file in (tmp_path / "logs").rglob("*.onnx"):
+        onnx_file.unlink()
+    result = run_inference(tmp_path, SENTENCES[0])
+    assert result.returncode == 0
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("Exporting "), result.stderr
+    assert len(result.stdout.splitlines()) == 1
+
+
 def test_predict_returns_one_result_per_sentence_in_order(predictor):
     results = predictor.predict(SENTENCES + [""], batch_size=2)
     assert [r["sentence"] for r in results] == SENTENCES + [""]

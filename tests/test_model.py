@@ -107,6 +107,11 @@ def test_layer_decay_and_head_learning_rate_give_each_parameter_its_rate(tiny_mo
             expected = 1e-4
         assert rate[id(param)] == pytest.approx(expected), name
     assert len(rate) == len(list(model.parameters()))
+    # Named for TensorBoard's learning-rate charts (tiny model: 2 layers; the pooler learns at the top layer's rate).
+    names = [group["name"] for group in model.parameter_groups()]
+    assert sorted(names) == sorted(
+        f"{part}{suffix}" for part in ("embeddings", "layer_0", "layer_1..pooler", "head") for suffix in ("", "-no_decay")
+    )
 
 
 def test_default_learning_rate_follows_model_size(tiny_model_dir, tmp_path):

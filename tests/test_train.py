@@ -27,6 +27,7 @@ def test_run_writes_checkpoints_metrics_and_tensorboard(trained):
     assert metrics["best_val_mcc"] == pytest.approx(float(best.stem.split("val_mcc=")[1]), abs=1e-4)
     assert f"Best val_mcc {metrics['best_val_mcc']:.4f}" in result.stdout
     assert f"python inference.py --checkpoint {metrics['best_model_path']}" in result.stdout
+    assert "Exported for inference.py in " in result.stdout  # the first inference.py needs no export
 
     scalars, images = set(), set()
     for event_file in run_dir.glob("events.out.tfevents.*"):
@@ -35,7 +36,8 @@ def test_run_writes_checkpoints_metrics_and_tensorboard(trained):
         scalars |= set(events.Tags()["scalars"])
         images |= set(events.Tags()["images"])
     assert {"train_loss", "val_loss", "val_mcc", "val_accuracy", "val_f1", "hp/best_val_mcc"} <= scalars
-    assert any(tag.startswith("lr-AdamW") for tag in scalars)
+    # One chart per parameter group, named for what it holds (default recipe: one rate, with and without decay).
+    assert {tag for tag in scalars if tag.startswith("lr-")} == {"lr-AdamW/all", "lr-AdamW/all-no_decay"}
     assert {"train/samples", "train/lengths"} <= scalars  # ThroughputMonitor
     assert {"val/confusion_matrix", "val/precision_recall_curve"} <= images
 
