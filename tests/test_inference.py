@@ -352,3 +352,14 @@ def test_mean_pooled_checkpoint_predicts_as_trained_in_every_backend(input_sensi
     assert max(abs(a - b) for a, b in zip(cls_head, expected)) > 0.05  # same weights, other pooling: other answers
     with pytest.raises(CheckpointError, match="mean.ckpt: trained with --model.pooling mean.*pipeline"):
         export_hf(mean_pooled, str(tmp_path / "export"))
+
+
+def test_fast_path_loads_neither_torch_nor_lightning_nor_training_code(best_checkpoint):
+    code = (
+        "import sys; from inference import ColaPredictor; ColaPredictor(sys.argv[1]).predict(['The dog sat.']);"
+        " print(sorted(m for m in ('torch', 'pytorch_lightning', 'transformers', 'model', 'data', 'train', 'callbacks')"
+        " if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(best_checkpoint)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

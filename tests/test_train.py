@@ -3,6 +3,8 @@
 import json
 import math
 import shutil
+import subprocess
+import sys
 import warnings
 from types import SimpleNamespace
 from unittest import mock
@@ -13,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from conftest import run_train, save_tiny_distilbert, tiny_train_args
+from conftest import REPO, run_train, save_tiny_distilbert, tiny_train_args
 
 
 def test_run_writes_checkpoints_metrics_and_tensorboard(trained):
@@ -148,3 +150,10 @@ def test_sanity_checks_log_class_balance_initial_loss_and_warn_on_one_class_mode
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SanityChecks().on_validation_end(trainer, model)
+
+
+def test_training_does_not_import_the_inference_script():
+    code = "import sys, train; print('inference' in sys.modules, 'export' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False"]  # export.py loads only at the end of a run
