@@ -7,6 +7,7 @@
 """
 
 import json
+import logging
 import os
 import sys
 import time
@@ -35,6 +36,10 @@ RUN_VERSION_ENV = "COLA_RUN_VERSION"  # rank zero's run folder, for the DDP proc
 warnings.filterwarnings("ignore", message=".*`flops_per_batch`.*")
 # Lightning suggests DataLoader workers; on small CPUs they compete with training for cores (see data.py).
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+# Lightning 2.6 on torch 2.13: a deprecation inside Lightning's own pytree helper, nothing a user can act on.
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+# Lightning 2.6 advertises its cloud logger (litlogger) at every start.
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
 # Resuming mid-epoch, Lightning warns unless the DataLoader has state_dict(); ours resumes another way (data.py).
 warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
