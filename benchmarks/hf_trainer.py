@@ -1,13 +1,16 @@
-"""The reference row: a plain Hugging Face `Trainer` fine-tuning the same model on the same CoLA files.
+"""The reference: a plain Hugging Face `Trainer` fine-tuning the same model on the same CoLA files.
 
     python benchmarks/hf_trainer.py --model PATH --data_dir ../shared/data/cola [--padding max_length]
 
-Prints a JSON line: training samples/s (the Trainer's own train_samples_per_second, validation
-included, as train.py's metrics.json reports it) and the best validation MCC over the epochs.
+`reference_trainer()` builds it for every script: speed.py's Trainer rows call it, quality.py --runner hf
+runs this command. The command prints a JSON line: training samples/s (the Trainer's own
+train_samples_per_second, validation included, as train.py's metrics.json reports it) and the best
+validation MCC over the epochs.
 """
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,13 +22,15 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
+    EvalPrediction,
     PreTrainedTokenizerBase,
     Trainer,
     TrainingArguments,
+    set_seed,
 )
 
-from data import SPLIT_FILES, read_glue_tsv
-
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # data.py, when run as a script
+from data import SPLIT_FILES, read_glue_tsv  # noqa: E402
 
 MAX_LENGTH = 128  # as train.py's --data.max_length and run_glue.py's --max_seq_length
 
@@ -47,13 +52,21 @@ def load_split(
     )
 
 
-def training_arguments(
-    output_dir: str, *, batch_size: int, learning_rate: float, epochs: float, max_steps: int, sampling: str,
-    seed: int, **overrides: Any,
-) -> TrainingArguments:
-    """train.py's recipe as TrainingArguments: AdamW with weight decay 0.01 (none on biases and LayerNorm),
-    linear warmup over 10% of the steps then linear decay; no checkpoints, no experiment trackers."""
-    return TrainingArguments(
+def mcc(prediction: EvalPrediction) -> dict:
+    return {"mcc": matthews_corrcoef(prediction.label_ids, np.argmax(prediction.predictions, axis=-1))}
+
+
+def reference_trainer(
+    model: str, data_dir: str | Path, output_dir: str, *, batch_size: int, learning_rate: float, epochs: float,
+    max_steps: int, sampling: str, padding: str, seed: int, **overrides: Any,
+) -> Trainer:
+    """train.py's recipe as a Trainer: AdamW with weight decay 0.01 (none on biases and LayerNorm), linear
+    warmup over 10% of the steps then linear decay, padding per batch by DataCollatorWithPadding (unless
+    padding="max_length"); validation MCC on dev.tsv when eval_strategy asks; no checkpoints, no trackers.
+    overrides: more TrainingArguments."""
+    set_seed(seed)  # before the model is built: the classifier head's initial weights follow the seed, as in train.py
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    args = TrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=batch_size,
@@ -67,6 +80,14 @@ def training_arguments(
         report_to="none",
         seed=seed,
         **overrides,
+    )
+    return Trainer(
+        model=AutoModelForSequenceClassification.from_pretrained(model, num_labels=2),
+        args=args,
+        train_dataset=load_split(tokenizer, data_dir, "train", padding),
+        eval_dataset=load_split(tokenizer, data_dir, "validation", padding),
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=mcc,
     )
 
 
@@ -84,32 +105,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
-
-    def compute_metrics(eval_pred) -> dict:
-        logits, labels = eval_pred
-        return {"mcc": matthews_corrcoef(labels, np.argmax(logits, axis=-1))}
-
     with tempfile.TemporaryDirectory() as output_dir:
-        training_args = training_arguments(
-            output_dir,
-            batch_size=args.batch_size,
-            learning_rate=args.learning_rate,
-            epochs=args.epochs,
-            max_steps=args.max_steps,
-            sampling=args.sampling,
-            seed=args.seed,
-            eval_strategy="epoch" if args.max_steps < 0 else "no",
-            logging_strategy="epoch",
-        )
-        trainer = Trainer(
-            model=model,
-            args=training_args,
-            train_dataset=load_split(tokenizer, args.data_dir, "train", args.padding),
-            eval_dataset=load_split(tokenizer, args.data_dir, "validation", args.padding),
-            data_collator=DataCollatorWithPadding(tokenizer),
-            compute_metrics=compute_metrics,
+        trainer = reference_trainer(
+            args.model, args.data_dir, output_dir, batch_size=args.batch_size, learning_rate=args.learning_rate,
+            epochs=args.epochs, max_steps=args.max_steps, sampling=args.sampling, padding=args.padding,
+            seed=args.seed, eval_strategy="epoch" if args.max_steps < 0 else "no", logging_strategy="epoch",
         )
         result = trainer.train()
     mccs = [log["eval_mcc"] for log in trainer.state.log_history if "eval_mcc" in log]
