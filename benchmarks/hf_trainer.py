@@ -3,9 +3,9 @@
     python benchmarks/hf_trainer.py --model PATH --data_dir ../shared/data/cola [--padding max_length]
 
 `reference_trainer()` builds it for every script: speed.py's Trainer rows call it, quality.py --runner hf
-runs this command. The command prints a JSON line: training samples/s (the Trainer's own
-train_samples_per_second, validation included, as train.py's metrics.json reports it) and the best
-validation MCC over the epochs.
+runs this command (`make_bert_base()` serves speed.py --make_bert_base). The command prints a JSON line:
+training samples/s (the Trainer's own train_samples_per_second, validation included, as train.py's
+metrics.json reports it) and the best validation MCC over the epochs.
 """
 
 import argparse
@@ -21,6 +21,8 @@ from sklearn.metrics import matthews_corrcoef
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
     DataCollatorWithPadding,
     EvalPrediction,
     PreTrainedTokenizerBase,
@@ -89,6 +91,19 @@ def reference_trainer(
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=mcc,
     )
+
+
+def make_bert_base(directory: str, vocab_from: str, seed: int) -> None:
+    """A BERT-base-sized classifier with random weights, and vocab_from's tokenizer, saved in directory: a model
+    for every speed.py row (and for train.py's --model.model_name_or_path) without a download."""
+    tokenizer = AutoTokenizer.from_pretrained(vocab_from)
+    set_seed(seed)
+    config = BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, num_labels=2)  # base size
+    model = BertForSequenceClassification(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    print(f"BERT-base ({model.num_parameters() / 1e6:.1f}M parameters, random weights) and the tokenizer of "
+          f"{vocab_from} saved in {directory}")
 
 
 def main() -> None:

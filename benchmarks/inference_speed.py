@@ -13,18 +13,20 @@ the tokenizer from the original model).
 """
 
 import argparse
+import contextlib
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import onnxruntime
 import torch
-import transformers
 from sklearn.metrics import matthews_corrcoef
 
 REPO = Path(__file__).resolve().parent.parent
@@ -123,16 +125,48 @@ def median_seconds(command: list[str], repeats: int) -> float:
     return statistics.median(times)
 
 
-def print_rows(rows: list[dict]) -> None:
+def table(header: tuple[str, ...], rows: list[tuple[str, ...]], text_columns: int = 1) -> list[str]:
+    """Aligned columns: the first text_columns to the left, numbers to the right (speed.py's tables too)."""
+    widths = [max(len(cells[i]) for cells in [header, *rows]) for i in range(len(header))]
+    return [
+        "  ".join(c.ljust(w) if i < text_columns else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        for cells in [header, *rows]
+    ]
+
+
+def fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def inference_table(rows: list[dict]) -> list[str]:
     reference = rows[0]
-    print(f"{'predictor':<56} {'sent/s':>7} {'x ref':>6} {'p50 ms':>7} {'p95 ms':>7} {'x ref':>6} {'val MCC':>8} {'max |dp|':>9}")
-    for row in rows:
-        diff = "-" if row["max_abs_prob_diff"] is None else f"{row['max_abs_prob_diff']:.1e}"
-        print(
-            f"{row['name']:<56} {row['sentences_per_s']:>7.1f} {row['sentences_per_s'] / reference['sentences_per_s']:>6.2f}"
-            f" {row['p50_ms']:>7.2f} {row['p95_ms']:>7.2f} {reference['p50_ms'] / row['p50_ms']:>6.2f}"
-            f" {row['val_mcc']:>8.4f} {diff:>9}"
-        )
+    return table(("predictor", "sent/s", "x ref", "p50 ms", "p95 ms", "x ref", "val MCC", "max |dp|"), [(
+        r["name"], fmt(r["sentences_per_s"], ",.1f"), fmt(r["sentences_per_s"] / reference["sentences_per_s"], ".2f"),
+        fmt(r["p50_ms"], ".2f"), fmt(r["p95_ms"], ".2f"), fmt(reference["p50_ms"] / r["p50_ms"], ".2f"),
+        fmt(r["val_mcc"], ".4f"), fmt(r["max_abs_prob_diff"], ".1e"),
+    ) for r in rows]) + ["x ref: speedup over the reference, in sentences/s (batched) and p50 latency (one a call)"]
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    gpu = torch.cuda.is_available()
+    return {
+        "cpu": cpu, "cpu_cores": os.cpu_count(), "cpu_cores_usable": len(os.sched_getaffinity(0)),
+        "gpu": torch.cuda.get_device_name(0) if gpu else None,
+        "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if gpu else None,
+        "cuda": torch.version.cuda if gpu else None, "python": platform.python_version(),
+        "torch": torch.__version__, "transformers": metadata.version("transformers"),
+        "pytorch_lightning": metadata.version("pytorch-lightning"), "torch_threads": torch.get_num_threads(),
+    }
+
+
+def machine_lines(m: dict) -> list[str]:
+    gpu = f"{m['gpu']} ({m['gpu_memory_gib']} GiB, CUDA {m['cuda']})" if m["gpu"] else "no GPU"
+    return [f"machine   {m['cpu']}, {m['cpu_cores']} cores ({m['cpu_cores_usable']} usable), {gpu}",
+            f"software  Python {m['python']}, torch {m['torch']} ({m['torch_threads']} threads), "
+            f"transformers {m['transformers']}, pytorch-lightning {m['pytorch_lightning']}"]
 
 
 def main() -> None:
@@ -149,17 +183,12 @@ def main() -> None:
     ours = median_seconds([sys.executable, "inference.py", "--checkpoint", checkpoint, SENTENCE], args.repeats)
     seed = median_seconds([sys.executable, "-c", SEED_APPROACH, checkpoint, SENTENCE], args.repeats)
 
-    print(
-        f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"onnxruntime {onnxruntime.__version__}, transformers {transformers.__version__}"
-    )
+    print("\n".join(machine_lines(machine_info())) + f", onnxruntime {onnxruntime.__version__}")
     print(f"{'cold start, inference.py (s, median)':<48} {ours:>8.2f}")
     print(f"{'cold start, load_from_checkpoint (s, median)':<48} {seed:>8.2f}")
     print(f"{'cold start ratio (ours / seed)':<48} {ours / seed:>8.2f}")
     print()
-    print_rows(rows)
-    print("x ref: speedup over the reference, in sentences/s (batched) and in p50 latency (one sentence a call)")
-
+    print("\n".join(inference_table(rows)))
 
 if __name__ == "__main__":
     try:

@@ -30,13 +30,11 @@ import json
 import math
 import multiprocessing
 import os
-import platform
 import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Optional
 from unittest import mock
@@ -45,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # data.py, train.py and benchmarks.*, also in each row's process
 
 import torch  # noqa: E402
-from pytorch_lightning import Callback, LightningModule, Trainer as LightningTrainer  # noqa: E402
+from pytorch_lightning import Callback  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from data import SPLIT_FILES, DataError, read_glue_tsv  # noqa: E402
@@ -56,7 +54,6 @@ ROWS = {  # name: (batches, padding: per batch or every sentence to 128 tokens, 
     "hf_random": ("random", "dynamic", "HF Trainer, default sampling"),
     "hf_pad128": ("random", "max_length", "HF Trainer, padded to 128 (run_glue.py)"),
 }
-HF_SAMPLING = {"length-grouped": "group_by_length", "random": "random"}
 
 
 @dataclass(frozen=True)
@@ -78,26 +75,27 @@ class Settings:
         return self.steps == self.steps_per_epoch
 
 
-class StepClock:
-    """Times one epoch of `steps` training steps and counts what each step processed.
+class StepClock(Callback, TrainerCallback):
+    """Times one epoch of `steps` training steps and counts what each step processed, with Lightning's hooks in
+    the ours row (added to train.py's callbacks with --trainer.callbacks+=) and the Trainer's in the others.
 
     Only the timestamps that bound a measurement wait for the GPU: epoch start, end of the warm-up, end of the
     timed steps, end of the epoch. In between, the CPU queues work ahead as it does in an untimed run.
     """
+
+    latest: Optional["StepClock"] = None  # run_ours()' way to the clock LightningCLI builds from its class_path
 
     def __init__(self, warmup_steps: int, timed_steps: int, steps: int) -> None:
         self.marks = [(warmup_steps, "window_begin"), (warmup_steps + timed_steps, "window_end"), (steps, "epoch_end")]
         self.times: dict[str, float] = {}
         self.steps = 0
         self.batches: list[tuple[int, Any, int]] = []  # (sentences, real tokens, padded tokens), in training order
+        StepClock.latest = self
 
     def timestamp(self, name: str) -> None:
         if torch.cuda.is_initialized():
             torch.cuda.synchronize()  # the GPU's queued work belongs before this mark
         self.times[name] = time.perf_counter()
-
-    def epoch_begin(self) -> None:
-        self.timestamp("epoch_begin")
 
     def count(self, batch: dict) -> dict:
         # The real-token sum stays a tensor (on the GPU, say) until result(): reading it now would wait for the GPU.
@@ -105,68 +103,50 @@ class StepClock:
         self.batches.append((input_ids.size(0), batch["attention_mask"].sum(), input_ids.numel()))
         return batch
 
-    def step_end(self) -> None:
+    def on_step_end(self, *_: Any, **__: Any) -> None:  # the Trainer's hook, and the end of Lightning's below
         self.steps += 1
         for step, name in self.marks:
             if step == self.steps:
                 self.timestamp(name)
+
+    def on_epoch_begin(self, *_: Any, **__: Any) -> None:  # the Trainer's
+        self.timestamp("epoch_begin")
+
+    def on_train_epoch_start(self, trainer: Any, *_: Any) -> None:  # Lightning's
+        self.trainer = trainer  # for run_ours(): the best checkpoint, which inference measures
+        self.timestamp("epoch_begin")
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: dict, *_: Any) -> None:
+        self.count(batch)  # Lightning's; the Trainer's hooks do not see batches (see run_hf)
+        self.on_step_end()
+
+    def on_train_end(self, *_: Any, **__: Any) -> None:  # both call it, each with its own arguments
+        pass
 
     def result(self) -> dict:
         batches = [(n, int(real), padded) for n, real, padded in self.batches[: self.steps]]
         return {"steps": self.steps, "times": self.times, "batches": batches}
 
 
-class StepTimer(StepClock, Callback):
-    """The ours row's clock, added to train.py's own callbacks with --trainer.callbacks+=; writes what it
-    measured to `output` (JSON) when training ends."""
-
-    def __init__(self, output: str, warmup_steps: int, timed_steps: int, steps: int) -> None:
-        super().__init__(warmup_steps, timed_steps, steps)
-        self.output = output
-
-    def on_train_epoch_start(self, trainer: LightningTrainer, pl_module: LightningModule) -> None:
-        self.epoch_begin()
-
-    def on_train_batch_end(self, trainer: LightningTrainer, pl_module: LightningModule, outputs: Any, batch: dict,
-                           batch_idx: int) -> None:
-        self.count(batch)
-        self.step_end()
-
-    def on_train_end(self, trainer: LightningTrainer, pl_module: LightningModule) -> None:
-        result = {**self.result(), "run_dir": str(Path(trainer.log_dir).resolve())}
-        Path(self.output).write_text(json.dumps(result))
-
-
-class HFStepTimer(StepClock, TrainerCallback):
-    """The Trainer rows' clock. The Trainer's callbacks do not see batches, so run_hf() has the data collator
-    count them: it makes them in training order (perhaps one ahead: result() keeps as many as there were steps)."""
-
-    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.epoch_begin()
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.step_end()
-
-
 def run_ours(settings: Settings, workdir: Path) -> dict:
     """train.main() as `python train.py --model.model_name_or_path M ... --trainer.max_epochs 1` runs it, with a
-    StepTimer added to its callbacks."""
+    StepClock added to its callbacks."""
     import train
 
-    output = workdir / "ours-steps.json"
-    timer = {"class_path": f"{StepTimer.__module__}.StepTimer",  # __main__ (or __mp_main__ in a row's process)
-             "init_args": {"output": str(output), "warmup_steps": settings.warmup_steps,
-                           "timed_steps": settings.timed_steps, "steps": settings.steps}}
+    clock = {"class_path": f"{StepClock.__module__}.StepClock",  # __main__ (or __mp_main__ in a row's process)
+             "init_args": {"warmup_steps": settings.warmup_steps, "timed_steps": settings.timed_steps,
+                           "steps": settings.steps}}
     argv = [str(REPO / "train.py"), "--model.model_name_or_path", settings.model, "--data.data_dir", settings.data_dir,
             "--data.batch_size", str(settings.batch_size), "--model.learning_rate", str(settings.learning_rate),
             "--seed_everything", str(settings.seed), "--trainer.precision", settings.precision,
             "--trainer.max_epochs", "1", "--trainer.logger.init_args.save_dir", str(workdir / "logs"),
-            "--trainer.callbacks+=" + json.dumps(timer)]
+            "--trainer.callbacks+=" + json.dumps(clock)]
     if not settings.full_epoch:  # a shorter epoch: it still ends with validation, so a checkpoint is saved
         argv += ["--trainer.limit_train_batches", str(settings.steps)]
     with mock.patch.object(sys, "argv", argv):
         train.main()
-    return json.loads(output.read_text())
+    clock = StepClock.latest
+    return {**clock.result(), "checkpoint": clock.trainer.checkpoint_callback.best_model_path}
 
 
 def run_hf(name: str, settings: Settings, workdir: Path) -> dict:
@@ -174,12 +154,12 @@ def run_hf(name: str, settings: Settings, workdir: Path) -> dict:
     from benchmarks.hf_trainer import reference_trainer
 
     batches, padding, _ = ROWS[name]
-    timer = HFStepTimer(settings.warmup_steps, settings.timed_steps, settings.steps)
+    clock = StepClock(settings.warmup_steps, settings.timed_steps, settings.steps)
     trainer = reference_trainer(
         settings.model, settings.data_dir, str(workdir / name),
         batch_size=settings.batch_size, learning_rate=settings.learning_rate, epochs=1,
-        max_steps=-1 if settings.full_epoch else settings.steps, sampling=HF_SAMPLING[batches], padding=padding,
-        seed=settings.seed,
+        max_steps=-1 if settings.full_epoch else settings.steps, padding=padding, seed=settings.seed,
+        sampling="group_by_length" if batches == "length-grouped" else "random",
         eval_strategy="no",  # the timed epoch is training steps only
         bf16=settings.precision == "bf16-mixed",
         tf32=torch.cuda.is_available() or None,  # as train.py: TF32 matrix products on GPUs
@@ -188,11 +168,13 @@ def run_hf(name: str, settings: Settings, workdir: Path) -> dict:
         optim="adamw_torch_fused",  # model.py's fused AdamW (the Trainer's default too, in transformers 5)
         max_grad_norm=0.0,  # train.py does not clip gradients (the Trainer still computes their norm for its logs)
     )
-    collate = trainer.data_collator  # no loader workers: the batches are made, and counted, in this process
-    trainer.data_collator = lambda features: timer.count(collate(features))
-    trainer.add_callback(timer)
+    # No loader workers: the collator makes the batches in this process, in training order, so it counts them
+    # (perhaps one ahead: result() keeps as many as there were steps).
+    collate = trainer.data_collator
+    trainer.data_collator = lambda features: clock.count(collate(features))
+    trainer.add_callback(clock)
     trainer.train()
-    return timer.result()
+    return clock.result()
 
 
 def log_to(log: str) -> None:
@@ -210,25 +192,15 @@ def isolated(log: Path, in_process: bool, function: Callable, *args: Any) -> Any
             return function(*args)
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=spawn, initializer=log_to, initargs=(str(log),)) as pool:
-        return pool.submit(function, *args).result()
-
-
-def inference_section(ours: Optional[dict], settings: Settings, args: argparse.Namespace, workdir: Path) -> dict:
-    if ours is None:
-        return {"note": "skipped: it measures the ours row's checkpoint (add ours to --rows)", "rows": []}
-    from benchmarks.inference_speed import inference_rows
-
-    print("inference: ours' best checkpoint", file=sys.stderr, flush=True)
-    checkpoint = json.loads((Path(ours["run_dir"]) / "metrics.json").read_text())["best_model_path"]
-    dev = str(Path(settings.data_dir) / SPLIT_FILES["validation"])
-    rows = isolated(workdir / "inference.log", args.in_process, inference_rows, checkpoint, dev, args.loop_limit)
-    return {"checkpoint": checkpoint, "sentences": dev, "loop_limit": args.loop_limit, "rows": rows}
+        try:
+            return pool.submit(function, *args).result()
+        except Exception:
+            print(f"failed; the end of {log}:\n{log.read_text(errors='replace')[-4000:]}", file=sys.stderr)
+            raise
 
 
 def summarize(name: str, raw: dict, settings: Settings) -> dict:
     """A table row from a row's raw measurements."""
-    if raw["steps"] != settings.steps:
-        raise RuntimeError(f"{name} trained {raw['steps']} steps, expected {settings.steps}")
     first, last = settings.warmup_steps, settings.warmup_steps + settings.timed_steps
     seconds = raw["times"]["window_end"] - raw["times"]["window_begin"]
     samples, real, padded = (sum(batch[i] for batch in raw["batches"][first:last]) for i in range(3))
@@ -250,68 +222,14 @@ def add_ratios(rows: list[dict]) -> None:
         row["ours_is_x_faster"] = ours / row["samples_per_s"] if ours else None
 
 
-def machine_info() -> dict:
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    gpu = torch.cuda.is_available()
-    return {
-        "cpu": cpu, "cpu_cores": os.cpu_count(), "cpu_cores_usable": len(os.sched_getaffinity(0)),
-        "gpu": torch.cuda.get_device_name(0) if gpu else None,
-        "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if gpu else None,
-        "cuda": torch.version.cuda if gpu else None, "python": platform.python_version(),
-        "torch": torch.__version__, "transformers": metadata.version("transformers"),
-        "pytorch_lightning": metadata.version("pytorch-lightning"), "torch_threads": torch.get_num_threads(),
-    }
-
-
-def model_info(model: str) -> dict:
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    config = AutoConfig.from_pretrained(model, num_labels=2)
-    with torch.device("meta"):  # shapes only, no memory, no weights read
-        parameters = AutoModelForSequenceClassification.from_config(config).num_parameters()
-    return {"path": model, "model_type": config.model_type, "layers": config.num_hidden_layers,
-            "hidden": config.hidden_size, "heads": config.num_attention_heads, "parameters": parameters}
-
-
-def make_bert_base(directory: str, vocab_from: str, seed: int) -> None:
-    """A BERT-base-sized classifier with random weights, and vocab_from's tokenizer, saved in directory: a
-    --model for every row (and for train.py's --model.model_name_or_path) without a download."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    tokenizer = AutoTokenizer.from_pretrained(vocab_from)
-    config = BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, num_labels=2)  # base size
-    torch.manual_seed(seed)
-    model = BertForSequenceClassification(config)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    print(f"BERT-base ({model.num_parameters() / 1e6:.1f}M parameters, random weights) and the tokenizer of "
-          f"{vocab_from} saved in {directory}")
-
-
-def fmt(value: Optional[float], spec: str, suffix: str = "") -> str:
-    return "-" if value is None else f"{value:{spec}}{suffix}"
-
-
-def table(header: tuple[str, ...], rows: list[tuple[str, ...]], text_columns: int) -> list[str]:
-    """Aligned columns: the first text_columns to the left, numbers to the right."""
-    widths = [max(len(cells[i]) for cells in [header, *rows]) for i in range(len(header))]
-    return [
-        "  ".join(c.ljust(w) if i < text_columns else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-        for cells in [header, *rows]
-    ]
-
-
 def format_report(report: dict) -> str:
-    m, model, s, rows = report["machine"], report["model"], report["settings"], report["rows"]
-    gpu = f"{m['gpu']} ({m['gpu_memory_gib']} GiB, CUDA {m['cuda']})" if m["gpu"] else "no GPU"
+    from benchmarks.inference_speed import fmt, inference_table, machine_lines, table
+
+    model, s, rows, inference = report["model"], report["settings"], report["rows"], report["inference"]
     length = "one epoch" if s["steps"] == s["steps_per_epoch"] else f"{s['steps']} steps (--max_steps)"
     lines = [
         "Training speed: this project (python train.py) vs the Hugging Face Trainer",
-        f"machine   {m['cpu']}, {m['cpu_cores']} cores ({m['cpu_cores_usable']} usable), {gpu}",
-        f"software  Python {m['python']}, torch {m['torch']} ({m['torch_threads']} threads), "
-        f"transformers {m['transformers']}, pytorch-lightning {m['pytorch_lightning']}",
+        *machine_lines(report["machine"]),
         f"model     {model['path']}",
         f"          {model['model_type']}, {model['layers']} layers, hidden {model['hidden']}, {model['heads']} heads, "
         f"{model['parameters']:,} parameters",
@@ -320,9 +238,8 @@ def format_report(report: dict) -> str:
         f"each row trains {length}, " + ("all in one process" if s["in_process"] else "each in a fresh process"),
         "",
     ]
-    header = ("row", "batches", "padding", "samples/s", "real tok/s", "padded tok/s", "pad %", "epoch s", "vs ours",
-              "ours is Nx faster")
-    lines += table(header, [(
+    lines += table(("row", "batches", "padding", "samples/s", "real tok/s", "padded tok/s", "pad %", "epoch s",
+                    "vs ours", "ours is Nx faster"), [(
         r["row"], r["batches"], r["padding"], fmt(r["samples_per_s"], ",.1f"), fmt(r["real_tokens_per_s"], ",.0f"),
         fmt(r["padded_tokens_per_s"], ",.0f"), fmt(100 * r["pad_share"], ".0f"), fmt(r["epoch_s"], ".1f"),
         fmt(r["samples_per_s_vs_ours"], ".2f"), fmt(r["ours_is_x_faster"], ".2f", "x"),
@@ -333,16 +250,11 @@ def format_report(report: dict) -> str:
         "all the model processed. epoch s: the epoch's training steps, validation excluded. vs ours: samples/s",
         "over ours' samples/s.",
     ]
-    inference = report["inference"]
-    if inference is not None and not inference["rows"]:
-        lines += ["", "Inference: " + inference["note"]]
-    elif inference is not None:
-        header = ("inference", "sentences/s", "p50 ms", "p95 ms", "val MCC", "max |prob diff|")
+    if inference and inference["rows"]:
         lines += ["", f"Inference: ours' checkpoint {inference['checkpoint']}", f"on {inference['sentences']}", ""]
-        lines += table(header, [(
-            r["name"], fmt(r["sentences_per_s"], ",.1f"), fmt(r["p50_ms"], ".2f"), fmt(r["p95_ms"], ".2f"),
-            fmt(r["val_mcc"], ".4f"), fmt(r["max_abs_prob_diff"], ".1e"),
-        ) for r in inference["rows"]], text_columns=1)
+        lines += inference_table(inference["rows"])
+    elif inference:
+        lines += ["", "Inference: " + inference["note"]]
     return "\n".join(lines)
 
 
@@ -369,9 +281,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--vocab_from", metavar="MODEL", help="the tokenizer for --make_bert_base")
     args = parser.parse_args(argv)
     if args.make_bert_base:
-        if not args.vocab_from:
-            parser.error("--make_bert_base needs --vocab_from MODEL_DIR (its tokenizer)")
-        return args
+        return args if args.vocab_from else parser.error("--make_bert_base needs --vocab_from MODEL_DIR (a tokenizer)")
     if not (args.model and args.data_dir):
         parser.error("--model and --data_dir are required")
     names = {name.strip() for name in args.rows.split(",")} - {""}
@@ -399,6 +309,9 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
 
 
 def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
+    from benchmarks.inference_speed import inference_rows, machine_info
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
     settings = resolve_settings(args)
     rows, raws = [], {}
     for i, name in enumerate(args.rows, start=1):
@@ -406,19 +319,26 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
         where = "in this process" if args.in_process else f"log: {log}"
         print(f"[{i}/{len(args.rows)}] {name}: {settings.steps} steps ({where})", file=sys.stderr, flush=True)
         task = (run_ours, settings, workdir) if name == "ours" else (run_hf, name, settings, workdir)
-        try:
-            raws[name] = isolated(log, args.in_process, *task)
-        except Exception:
-            if log.exists():
-                print(f"{name} failed; the end of its log:\n{log.read_text(errors='replace')[-4000:]}", file=sys.stderr)
-            raise
+        raws[name] = isolated(log, args.in_process, *task)
         rows.append(summarize(name, raws[name], settings))
         print(f"      {rows[-1]['samples_per_s']:.1f} samples/s", file=sys.stderr, flush=True)
     add_ratios(rows)
-    inference = None if args.no_inference else inference_section(raws.get("ours"), settings, args, workdir)
+    inference = None
+    if not args.no_inference and "ours" not in raws:
+        inference = {"note": "skipped: it measures the ours row's checkpoint (add ours to --rows)", "rows": []}
+    elif not args.no_inference:
+        print("inference: ours' best checkpoint", file=sys.stderr, flush=True)
+        checkpoint = raws["ours"]["checkpoint"]
+        dev = str(Path(settings.data_dir) / SPLIT_FILES["validation"])
+        inference = {"checkpoint": checkpoint, "sentences": dev, "loop_limit": args.loop_limit, "rows": isolated(
+            workdir / "inference.log", args.in_process, inference_rows, checkpoint, dev, args.loop_limit)}
+    config = AutoConfig.from_pretrained(args.model, num_labels=2)
+    with torch.device("meta"):  # shapes only, no memory, no weights read
+        parameters = AutoModelForSequenceClassification.from_config(config).num_parameters()
     return {
         "machine": machine_info(),
-        "model": model_info(args.model),
+        "model": {"path": args.model, "model_type": config.model_type, "layers": config.num_hidden_layers,
+                  "hidden": config.hidden_size, "heads": config.num_attention_heads, "parameters": parameters},
         "settings": {**asdict(settings), "rows": args.rows, "in_process": args.in_process},
         "rows": rows,
         "inference": inference,
@@ -428,8 +348,9 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     if args.make_bert_base:
-        make_bert_base(args.make_bert_base, args.vocab_from, args.seed)
-        return
+        from benchmarks.hf_trainer import make_bert_base
+
+        return make_bert_base(args.make_bert_base, args.vocab_from, args.seed)
     if torch.cuda.device_count() > 1:  # train.py would use DDP on all of them, the Trainer DataParallel
         raise SystemExit("error: several GPUs visible; the rows compare one device: set CUDA_VISIBLE_DEVICES=0")
     try:

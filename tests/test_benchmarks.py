@@ -39,11 +39,11 @@ def test_summary_covers_the_steps_after_warmup_and_the_whole_epoch():
 
 def test_clock_marks_each_boundary_once_even_when_two_fall_on_one_step():
     clock = StepClock(warmup_steps=1, timed_steps=2, steps=3)  # the timed steps end with the epoch
-    clock.epoch_begin()
+    clock.on_epoch_begin()
     for step in range(4):  # the loader made one batch ahead
         clock.count({"input_ids": torch.ones(2, 5), "attention_mask": torch.tensor([[1] * 5, [1, 1, 0, 0, 0]])})
     for _ in range(3):
-        clock.step_end()
+        clock.on_step_end()
     result = clock.result()
     assert set(result["times"]) == {"epoch_begin", "window_begin", "window_end", "epoch_end"}
     assert result["steps"] == 3 and result["batches"] == [(2, 7, 10)] * 3
