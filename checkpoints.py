@@ -36,6 +36,16 @@ def claim_run_version(root: Path) -> str:
             continue
 
 
+def run_folder_of(ckpt_path: Path) -> Optional[Path]:
+    """The run folder a checkpoint belongs to: RUN for RUN/checkpoints/*.ckpt and for RUN/hpc_ckpt_N.ckpt
+    (Lightning's SLURM requeue checkpoint, saved in the Trainer's default_root_dir, which train.py sets to the
+    run folder); None for a checkpoint kept anywhere else."""
+    ckpt_path = Path(ckpt_path).resolve()
+    if ckpt_path.name.startswith("hpc_ckpt_"):
+        return ckpt_path.parent
+    return ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else None
+
+
 def find_best_checkpoint(log_dir: Path = LOG_DIR) -> Path:
     """The checkpoint ModelCheckpoint marked best in the most recent run (highest version_N) that has one."""
     for number in run_numbers(log_dir):
