@@ -63,6 +63,8 @@ def check_trainer_options(config: Namespace) -> None:
         value = config.trainer[option]
         if value is not None and (value == 0 or value < -1):
             raise OptionError(f"--trainer.{option} must be at least 1, or -1 for no limit; not {value}")
+    if config.trainer.limit_val_batches == 0:
+        raise OptionError("--trainer.limit_val_batches 0 skips validation, which picks the best checkpoint: use at least 1 batch (or 0.1 of them)")
     minutes = config.save_last_every_minutes
     if minutes is not None and not 0 <= minutes < float("inf"):
         raise OptionError(
@@ -94,19 +96,22 @@ def slurm_job() -> Optional[str]:
     return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ.get("SLURM_JOB_ID")
 
 
-def resume_slurm_job(root: Path, job: str, logger_args: Namespace) -> Optional[str]:
-    """The newest checkpoint of the run folder that SLURM job `job` started before it was requeued, if any;
-    with no checkpoint yet, that folder is reused for a fresh start."""
+def requeued_slurm_run(root: Path, job: Optional[str]) -> Optional[Path]:
+    """The run folder that this SLURM job trained before it was requeued (SLURM counts restarts in
+    SLURM_RESTART_COUNT; a second run in the same allocation is no restart and gets a new folder)."""
+    if not job or int(os.environ.get("SLURM_RESTART_COUNT") or 0) == 0:
+        return None
     for number in run_numbers(root):
-        run_dir = root / f"version_{number}"
         with contextlib.suppress(OSError):
-            if (run_dir / SLURM_JOB_FILE).read_text().strip() == job:
-                saved = [*run_dir.glob("hpc_ckpt_*.ckpt"), *run_dir.glob("checkpoints/last.ckpt")]
-                if saved:
-                    return str(max(saved, key=lambda path: path.stat().st_mtime))
-                logger_args.version = run_dir.name
-                return None
+            if (root / f"version_{number}" / SLURM_JOB_FILE).read_text().strip() == job:
+                return root / f"version_{number}"
     return None
+
+
+def newest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newer of a run's last.ckpt and Lightning's SLURM requeue checkpoints, if any."""
+    saved = [*run_dir.glob("hpc_ckpt_*.ckpt"), *run_dir.glob("checkpoints/last.ckpt")]
+    return max(saved, key=lambda path: path.stat().st_mtime) if saved else None
 
 
 class OneLineErrorParser(LightningArgumentParser):
@@ -121,8 +126,7 @@ class OneLineErrorParser(LightningArgumentParser):
 
 
 class ColaCLI(LightningCLI):
-    run_dir: Optional[Path] = None  # where this run writes: logs/cola/version_N, or the resumed checkpoint's
-    claimed_run_dir: Optional[Path] = None  # run_dir, if this process created it for a new run
+    claimed_run_dir: Optional[Path] = None  # the new run folder this process created, if it did
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
@@ -154,10 +158,13 @@ class ColaCLI(LightningCLI):
             if self.config.ckpt_path:
                 check_resumable(self.config.ckpt_path)
             return
-        root = Path(init_args.save_dir) / init_args.name
-        job = slurm_job()
-        if job and not self.config.ckpt_path:  # a requeued SLURM job continues its run (see slurm_job)
-            self.config.ckpt_path = resume_slurm_job(root, job, init_args)
+        root, job = Path(init_args.save_dir) / init_args.name, slurm_job()
+        requeued = requeued_slurm_run(root, job) if not self.config.ckpt_path else None
+        if requeued is not None:
+            checkpoint = newest_checkpoint(requeued)
+            if checkpoint is None:  # requeued before anything was saved: start again in the same folder
+                init_args.version = requeued.name
+            self.config.ckpt_path = checkpoint and str(checkpoint)
         ckpt_path = self.config.ckpt_path
         if ckpt_path:
             check_resumable(ckpt_path)
@@ -165,21 +172,20 @@ class ColaCLI(LightningCLI):
             if run_dir is not None:
                 init_args.save_dir, init_args.name, init_args.version = str(run_dir.parent.parent), run_dir.parent.name, run_dir.name
                 say(f"Resuming in the checkpoint's run folder, {run_dir}")
-                self.run_dir = run_dir
         if init_args.version is None:
             if rank_zero_only.rank == 0:
                 init_args.version = claim_run_version(root)
                 os.environ[RUN_VERSION_ENV] = init_args.version
-                self.claimed_run_dir = self.run_dir = root / init_args.version
+                self.claimed_run_dir = root / init_args.version
                 if job:
-                    (self.run_dir / SLURM_JOB_FILE).write_text(job + "\n")
+                    (self.claimed_run_dir / SLURM_JOB_FILE).write_text(job + "\n")
                 if ckpt_path:
-                    say(f"{ckpt_path} is not in a run folder's checkpoints/ folder: resuming in a new run folder, {self.run_dir}")
+                    say(f"{ckpt_path} is not in a run folder's checkpoints/ folder: resuming in a new run folder, {self.claimed_run_dir}")
             else:  # a DDP process that Lightning started by running this script again: rank zero's folder
                 init_args.version = os.environ.get(RUN_VERSION_ENV)
         if init_args.version is not None and self.config.trainer.default_root_dir is None:
             # Lightning saves SLURM's requeue checkpoint (hpc_ckpt_N.ckpt) here: with its run, not in the working directory.
-            self.config.trainer.default_root_dir = str(root / init_args.version)
+            self.config.trainer.default_root_dir = os.path.join(init_args.save_dir, init_args.name, init_args.version)
 
     def remove_unstarted_run(self) -> None:
         """Remove the run folder this run claimed, after a failure before its first training step: it holds

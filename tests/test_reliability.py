@@ -402,6 +402,7 @@ def test_a_requeued_slurm_job_resumes_its_run_in_the_same_folder(trained, tmp_pa
     assert first.returncode == 143, first.stderr[-3000:]
     run_dir = tmp_path / "logs/cola/version_1"
     assert (run_dir / "hpc_ckpt_1.ckpt").is_file() and not list(tmp_path.glob("hpc_ckpt_*"))
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     requeued = train_in_process(tmp_path, args)
     assert requeued.returncode == 0, requeued.stderr[-3000:]
     assert "Resuming in the checkpoint's run folder, logs/cola/version_1" in requeued.stderr
@@ -448,6 +449,7 @@ def test_a_resume_continues_in_the_checkpoints_own_run_folder_never_in_this_fold
         ("--trainer.max_epochs", "-2", "--trainer.max_epochs must be at least 1, or -1 for no limit; not -2"),
         ("--trainer.max_steps", "0", "--trainer.max_steps must be at least 1"),
         ("--save_last_every_minutes", "-1", "--save_last_every_minutes must be 0 or more"),
+        ("--trainer.limit_val_batches", "0", "--trainer.limit_val_batches 0 skips validation"),
     ],
 )
 def test_a_bad_option_is_one_line_and_leaves_no_run_folder(tmp_path, tiny_model_dir, tiny_data_dir, option, value, message):
