@@ -292,7 +292,8 @@ def main() -> None:
     if checkpoint is not None and checkpoint.best_model_score is None:  # no validation ran: nothing to report
         raise OptionError(
             f"no validation ran, so there is no best checkpoint (--trainer.max_steps ended training within an epoch,"
-            f" --trainer.limit_val_batches 0, or a resumed run already at --trainer.max_epochs); stopped at step"
+            f" --trainer.check_val_every_n_epoch above the epochs trained, or a resumed run already at"
+            f" --trainer.max_epochs); stopped at step"
             f" {trainer.global_step}, last checkpoint: {checkpoint.last_model_path or 'none saved'}"
         )
     if trainer.is_global_zero:
