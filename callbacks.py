@@ -20,6 +20,8 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from checkpoints import run_folder_of
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint beside its final name, then renames it over that name: a run killed while
@@ -59,9 +61,13 @@ class MidEpochCheckpoint(ModelCheckpoint):
 
 class EarlyStoppingAfterWarmup(EarlyStopping):
     """Early stopping that starts watching once the learning-rate warmup has ended: during warmup val_mcc
-    often stays at 0 (the model first predicts the majority class), which would use up the patience."""
+    often stays at 0 (the model first predicts the majority class), which would use up the patience.
+    Nor does it check an epoch that --trainer.max_steps cut short before its validation (no val_mcc)."""
 
     def _run_early_stopping_check(self, trainer: Trainer) -> None:
+        cut_short = trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
+        if cut_short and self.monitor not in trainer.callback_metrics:
+            return
         if trainer.global_step >= trainer.lightning_module.warmup_steps:
             super()._run_early_stopping_check(trainer)
 
@@ -110,35 +116,51 @@ def resume_command(ckpt_path: str) -> str:
     return shlex.join(["python", sys.argv[0], *args, "--ckpt_path", ckpt_path])
 
 
-class StopOnCtrlC(Callback):
-    """Ctrl-C (SIGINT) stops training cleanly: the current training step finishes, last.ckpt is saved
-    there and the command to resume is printed. A second Ctrl-C stops at once, without saving.
+class StoppedBySignal(Exception):
+    """Training stopped on Ctrl-C or SIGTERM, with last.ckpt saved; train.py exits with 128 + signum."""
 
-    Lightning's own handling stops wherever the program is, half-way through an optimizer step even; the
-    state there could not resume into the same run. Raising KeyboardInterrupt between steps lets Lightning
-    shut down as usual (on_exception hooks, DDP processes ended, exit status 1).
+    def __init__(self, signum: int, saved: bool = False) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.saved = signum, saved
+
+
+class StopOnSignal(Callback):
+    """Ctrl-C (SIGINT) and SIGTERM (sent by SLURM, Kubernetes, `docker stop` before they kill) stop training
+    cleanly: the current training step finishes, last.ckpt is saved there and the command to resume is
+    printed; then StoppedBySignal. A second Ctrl-C stops at once, without saving; a second SIGTERM kills.
+
+    Lightning's own handling stops wherever the program is on Ctrl-C, half-way through an optimizer step
+    even, and the state there could not resume into the same run; on SIGTERM it saves nothing and exits
+    with status 0. So this callback takes both signals over while training runs (Lightning's SIGUSR1 handler,
+    SLURM's auto-requeue, stays). Raising between steps lets Lightning shut down as usual (on_exception
+    hooks, teardown).
     """
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self) -> None:
-        self.requested = False
-        self._default_handler = None
+        self.requested: Optional[int] = None
+        self._previous_handlers: dict = {}
 
     def on_train_start(self, trainer: Trainer, *_: Any) -> None:
-        self.requested, self._is_global_zero = False, trainer.is_global_zero
+        self.requested, self._is_global_zero = None, trainer.is_global_zero
         if threading.current_thread() is threading.main_thread():  # signals reach only the main thread
-            self._default_handler = signal.signal(signal.SIGINT, self._request)
+            self._previous_handlers = {signum: signal.signal(signum, self._request) for signum in self.SIGNALS}
 
     def _request(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, self._default_handler)  # the next Ctrl-C interrupts at once
+        self.requested = signum
+        # The next Ctrl-C interrupts at once; the next SIGTERM kills (Lightning's handler would exit with 0).
+        signal.signal(signum, self._previous_handlers[signum] if signum == signal.SIGINT else signal.SIG_DFL)
         if self._is_global_zero:
-            print("\nCtrl-C: stopping after this training step (Ctrl-C again stops at once, without saving)", file=sys.stderr)
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            again = "Ctrl-C again stops" if signum == signal.SIGINT else "another SIGTERM kills"
+            print(f"\n{name}: stopping after this training step ({again} at once, without saving)", file=sys.stderr)
 
     def on_train_batch_end(self, trainer: Trainer, *_: Any) -> None:
         if ends_an_epoch(trainer):  # stop after the next step instead, once the epoch is validated
             return
-        requested = self.requested
-        if trainer.world_size > 1:  # any process's Ctrl-C stops all, after the same step
+        requested = self.requested is not None
+        if trainer.world_size > 1:  # any process's signal stops all, after the same step
             requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
         if not requested:
             return
@@ -148,8 +170,44 @@ class StopOnCtrlC(Callback):
             trainer.save_checkpoint(path, weights_only=False)  # everything, to resume from
             if trainer.is_global_zero:
                 print(f"\nStopped at step {trainer.global_step}, saved {path}. Resume with:\n  {resume_command(path)}")
-        raise KeyboardInterrupt
+        self._restore_handlers()
+        # (No signal here: another DDP process got it. SIGTERM is what reaches all processes of a job.)
+        raise StoppedBySignal(self.requested or signal.SIGTERM, saved=checkpoint is not None)
 
     def on_train_end(self, *_: Any) -> None:
-        if self._default_handler is not None and not self.requested:
-            signal.signal(signal.SIGINT, self._default_handler)
+        self._restore_handlers()
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+
+
+class ResumeInRunFolder(Callback):
+    """Keeps, in a resumed run, what ModelCheckpoint knew: the best score and checkpoint so far.
+
+    A checkpoint names its files by the paths the interrupted run used, relative to where it ran, and
+    Lightning restores its best score only if the checkpoint folder is spelt the same now. train.py resumes
+    in the checkpoint's own run folder however it is reached (`../other/logs/cola/version_0/...`): re-point
+    the saved paths at that folder. A checkpoint resumed in a new folder keeps no paths (they would name
+    another run's files).
+    """
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        states = checkpoint.get("callbacks", {})
+        run_dir = run_folder_of(Path(trainer.ckpt_path))
+        for callback in trainer.checkpoint_callbacks:
+            state = states.get(callback.state_key)
+            if not state or not callback.dirpath:
+                continue
+            same_folder = run_dir == Path(callback.dirpath).resolve().parent
+
+            def rebase(path: str) -> str:
+                return os.path.join(callback.dirpath, os.path.basename(path)) if path and same_folder else ""
+
+            state["dirpath"] = callback.dirpath if same_folder else state.get("dirpath")
+            for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+                if key in state:
+                    state[key] = rebase(state[key])
+            if same_folder:
+                state["best_k_models"] = {rebase(path): score for path, score in state.get("best_k_models", {}).items()}

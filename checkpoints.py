@@ -4,11 +4,14 @@ Shared by train.py and inference.py. Imports no torch at module level: inference
 opens a checkpoint, only the ONNX export cached for it.
 """
 
+import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
 LOG_DIR = Path("logs/cola")  # TensorBoardLogger's save_dir/name as train.py sets them
+SLURM_JOB_FILE = "slurm_job_id"  # in a run folder: the SLURM job that trains it, so that a requeued job finds it
 
 
 class CheckpointError(Exception):
@@ -34,6 +37,60 @@ def claim_run_version(root: Path) -> str:
             return version
         except FileExistsError:
             continue
+
+
+def run_folder_of(ckpt_path: Path) -> Optional[Path]:
+    """The run folder a checkpoint belongs to: RUN for RUN/checkpoints/*.ckpt and for RUN/hpc_ckpt_N.ckpt
+    (Lightning's SLURM requeue checkpoint, saved in the Trainer's default_root_dir, which train.py sets to the
+    run folder); None for a checkpoint kept anywhere else."""
+    ckpt_path = Path(ckpt_path).resolve()
+    if ckpt_path.name.startswith("hpc_ckpt_"):
+        return ckpt_path.parent
+    return ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else None
+
+
+def resumed_run_folder(ckpt_path: Path) -> Optional[Path]:
+    """The run folder that ckpt_path belongs to (see run_folder_of), relative to here if it is below. A
+    resumed run continues there, wherever that is: in another folder's logs/cola/version_0 too, never in
+    this folder's version_0."""
+    run_dir = run_folder_of(ckpt_path)
+    with contextlib.suppress(ValueError, AttributeError):  # not below here; None
+        run_dir = run_dir.relative_to(Path.cwd().resolve())
+    return run_dir
+
+
+def slurm_job() -> Optional[str]:
+    """This SLURM job's id (as Lightning's auto-requeue names it), or None outside SLURM.
+
+    SLURM sends the signal of `#SBATCH --signal=SIGUSR1@90` before the time limit; Lightning's
+    SLURMEnvironment (auto_requeue, on by default) saves hpc_ckpt_N.ckpt in default_root_dir, here the run
+    folder, and requeues the job, whose SIGTERM then makes StopOnSignal save last.ckpt. The requeued job
+    keeps its id: train.py finds the run folder by it and resumes from the newer of the two checkpoints.
+    """
+    from lightning_fabric.plugins.environments import SLURMEnvironment  # Lightning: for training only
+
+    if not SLURMEnvironment.detect():
+        return None
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ.get("SLURM_JOB_ID")
+
+
+def requeued_slurm_run(root: Path, job: Optional[str]) -> Optional[Path]:
+    """The run folder that this SLURM job trained before it was requeued (SLURM counts restarts in
+    SLURM_RESTART_COUNT; a second run in the same allocation is no restart and gets a new folder)."""
+    if not job or int(os.environ.get("SLURM_RESTART_COUNT") or 0) == 0:
+        return None
+    for number in run_numbers(root):
+        with contextlib.suppress(OSError):
+            if (root / f"version_{number}" / SLURM_JOB_FILE).read_text().strip() == job:
+                return root / f"version_{number}"
+    return None
+
+
+def newest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newer of a run's last.ckpt and Lightning's SLURM requeue checkpoints, if any."""
+    saved = [*run_dir.glob("hpc_ckpt_*.ckpt"), *run_dir.glob("checkpoints/last.ckpt")]
+    return max(saved, key=lambda path: path.stat().st_mtime) if saved else None
 
 
 def find_best_checkpoint(log_dir: Path = LOG_DIR) -> Path:

@@ -22,17 +22,22 @@ class DataError(ValueError):
     """A problem in the user's data, reported as one line: 'file:line: what is wrong'."""
 
 
+class OptionError(ValueError):
+    """An option value that cannot work, reported as one line naming the option and what it accepts."""
+
+
 def read_glue_tsv(path: Path) -> Iterator[dict]:
     """Yield {"sentence", "label"} rows of a GLUE CoLA file (source, label, star, sentence; no header).
 
     Parsed by hand rather than as CSV: CoLA sentences contain quote characters that a CSV reader
-    would take as quoting. Any malformed line, or an empty file, raises DataError naming the file and line.
+    would take as quoting. Blank lines at the end (editors add one) are ignored. Any other malformed
+    line, blank ones included, or a file without sentences raises DataError naming the file and line.
     """
     try:
         f = open(path, "rb")
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    line_no = 0
+    rows, first_blank = 0, None
     with f:
         for line_no, raw in enumerate(f, start=1):
             where = f"{path}:{line_no}"
@@ -40,6 +45,11 @@ def read_glue_tsv(path: Path) -> Iterator[dict]:
                 line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
                 raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            if not line.strip():
+                first_blank = first_blank or line_no  # an error only if a sentence follows
+                continue
+            if first_blank:
+                raise DataError(f"{path}:{first_blank}: blank line (only the end of the file may have blank lines)")
             columns = line.split("\t")
             if len(columns) != 4:
                 raise DataError(
@@ -50,9 +60,10 @@ def read_glue_tsv(path: Path) -> Iterator[dict]:
                 raise DataError(f"{where}: label must be 0 or 1, found {label!r}")
             if not sentence.strip():
                 raise DataError(f"{where}: empty sentence")
+            rows += 1
             yield {"sentence": sentence, "label": int(label)}
-    if line_no == 0:
-        raise DataError(f"{path}: empty file")
+    if rows == 0:
+        raise DataError(f"{path}: empty file (no sentences)")
 
 
 def _file_digest(path: Path) -> str:
@@ -66,7 +77,11 @@ def _file_digest(path: Path) -> str:
 def load_local_cola(data_dir: Path, split: str) -> datasets.Dataset:
     """One split of a local GLUE CoLA folder as an Arrow dataset, cached by the file's content hash."""
     path = Path(data_dir) / SPLIT_FILES[split]
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as e:  # a folder that may not be listed: is_file() raises rather than say False
+        raise DataError(f"{path}: cannot read ({e.strerror}): check the permissions of --data.data_dir") from None
+    if not found:
         raise DataError(f"{path}: file not found (data_dir must hold GLUE CoLA's train.tsv and dev.tsv)")
     try:
         return datasets.Dataset.from_generator(
@@ -183,6 +198,12 @@ class ColaDataModule(pl.LightningDataModule):
         group_by_length: bool = True,
     ) -> None:
         super().__init__()
+        if batch_size < 1:
+            raise OptionError(f"--data.batch_size must be at least 1, not {batch_size}")
+        if max_length < 3:  # [CLS], one token, [SEP]
+            raise OptionError(f"--data.max_length must be at least 3 ([CLS], one token, [SEP]), not {max_length}")
+        if num_workers is not None and num_workers < 0:
+            raise OptionError(f"--data.num_workers must be 0 or more (0: load batches in the training process), not {num_workers}")
         self.save_hyperparameters()
         self.tokenizer = None
         self.splits: dict[str, datasets.Dataset] = {}

@@ -18,16 +18,13 @@ from torchmetrics.classification import (
 )
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, get_linear_schedule_with_warmup
 
-from data import LABEL_NAMES
+from checkpoints import CheckpointError
+from data import LABEL_NAMES, OptionError
 from hub import explain_hub_errors
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite: training stops before that step reaches the weights."""
-
-
-class OptionError(ValueError):
-    """A model option that cannot work with the chosen model."""
 
 
 class MatthewsCorrCoef(BinaryMatthewsCorrCoef):
@@ -94,6 +91,22 @@ class SentenceClassifier(torch.nn.Module):
         return sentence_logits(self.model, self.pooling, inputs)
 
 
+def check_options(
+    learning_rate: Optional[float], weight_decay: float, warmup_ratio: float, layer_decay: float,
+    head_learning_rate: Optional[float],
+) -> None:
+    """Refuse, before the model loads, values with which training cannot work (`not x > 0` also catches NaN)."""
+    for name, value in (("learning_rate", learning_rate), ("head_learning_rate", head_learning_rate)):
+        if value is not None and not 0 < value < float("inf"):
+            raise OptionError(f"--model.{name} must be a positive number (e.g. 2e-5), or null for the default; not {value}")
+    if not 0 <= weight_decay < float("inf"):
+        raise OptionError(f"--model.weight_decay must be 0 or more (0.01 by default), not {weight_decay}")
+    if not 0 <= warmup_ratio < 1:
+        raise OptionError(f"--model.warmup_ratio must be at least 0 and below 1 (a fraction of all steps), not {warmup_ratio}")
+    if not 0 < layer_decay <= 1:
+        raise OptionError(f"--model.layer_decay must be above 0 and at most 1 (1: one learning rate for all), not {layer_decay}")
+
+
 class ColaModel(pl.LightningModule):
     """Sequence classifier with CoLA's metrics and a fine-tuning recipe for small data.
 
@@ -123,6 +136,7 @@ class ColaModel(pl.LightningModule):
         freeze_word_embeddings: bool = False,
     ) -> None:
         super().__init__()
+        check_options(learning_rate, weight_decay, warmup_ratio, layer_decay, head_learning_rate)
         self.save_hyperparameters()
         with explain_hub_errors("model", model_name_or_path):
             self.model = AutoModelForSequenceClassification.from_pretrained(
@@ -255,7 +269,30 @@ class ColaModel(pl.LightningModule):
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state(self.device)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Called before Lightning loads the weights: its own errors would be tracebacks.
+        where = self.trainer.ckpt_path if self._trainer else "checkpoint"
+        ours, theirs = self.state_dict(), checkpoint["state_dict"]
+        if ours.keys() != theirs.keys():
+            name = sorted(ours.keys() ^ theirs.keys())[0]
+            raise CheckpointError(
+                f"{where}: a checkpoint of another model ({name} is only in one of it and"
+                f" {self.hparams.model_name_or_path}): resume with the --model.model_name_or_path it was trained from"
+            )
+        for name, weight in theirs.items():
+            if ours[name].shape != weight.shape:
+                raise CheckpointError(
+                    f"{where}: a checkpoint of a model of another size ({name}: {tuple(weight.shape)}, but"
+                    f" {tuple(ours[name].shape)} in {self.hparams.model_name_or_path}): resume with the"
+                    " --model.model_name_or_path it was trained from"
+                )
         self._rng_states = checkpoint.get("rng_states")
+        if self._rng_states:
+            try:  # as on_train_start will, now, so that a damaged state is one line
+                saved = torch.get_rng_state()
+                torch.set_rng_state(self._rng_states["cpu"])
+                torch.set_rng_state(saved)
+            except Exception as e:  # KeyError, TypeError, RuntimeError: all mean a damaged file
+                raise CheckpointError(f"{where}: its saved random state is damaged ({type(e).__name__}: {e})") from None
 
     def on_train_start(self) -> None:
         # Set here rather than on loading, so that nothing Lightning does in between can draw from it.

@@ -9,26 +9,40 @@
 import json
 import logging
 import os
+import re
+import shutil
+import signal
 import sys
 import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
-import torch
-from jsonargparse import Namespace
-from pytorch_lightning import Trainer
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor, Timer
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
-from pytorch_lightning.plugins.io import TorchCheckpointIO
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
+try:  # torch and Lightning take seconds to import: a Ctrl-C meanwhile is one line, not a traceback
+    import torch
+    from jsonargparse import Namespace
+    from pytorch_lightning import Trainer
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor, Timer
+    from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+    from pytorch_lightning.plugins.io import TorchCheckpointIO
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from callbacks import AtomicCheckpointIO, EarlyStoppingAfterWarmup, MidEpochCheckpoint, SanityChecks, StopOnCtrlC
-from checkpoints import CheckpointError, check_resumable, claim_run_version
-from data import ColaDataModule, DataError
-from hub import HubError
-from model import ColaModel, NonFiniteLossError, OptionError
+    from callbacks import (
+        AtomicCheckpointIO, EarlyStoppingAfterWarmup, MidEpochCheckpoint, ResumeInRunFolder, SanityChecks, StopOnSignal,
+        StoppedBySignal,
+    )
+    from checkpoints import (
+        SLURM_JOB_FILE, CheckpointError, check_resumable, claim_run_version, newest_checkpoint, requeued_slurm_run,
+        resumed_run_folder, slurm_job,
+    )
+    from data import ColaDataModule, DataError, OptionError
+    from hub import HubError
+    from model import ColaModel, NonFiniteLossError
+except KeyboardInterrupt:
+    print("\ninterrupted while starting: nothing to save", file=sys.stderr)
+    sys.exit(130)
 
 RUN_VERSION_ENV = "COLA_RUN_VERSION"  # rank zero's run folder, for the DDP processes Lightning starts
 
@@ -44,7 +58,40 @@ logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda reco
 warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
 
+def say(message: str) -> None:
+    if rank_zero_only.rank == 0:
+        print(message, file=sys.stderr)
+
+
+def check_trainer_options(config: Namespace) -> None:
+    """Refuse, in one line, the Trainer and run options with which nothing would be trained or saved."""
+    for option in ("max_epochs", "max_steps"):
+        value = config.trainer[option]
+        if value is not None and (value == 0 or value < -1):
+            raise OptionError(f"--trainer.{option} must be at least 1, or -1 for no limit; not {value}")
+    if config.trainer.limit_val_batches == 0:
+        raise OptionError("--trainer.limit_val_batches 0 skips validation, which picks the best checkpoint: use at least 1 batch (or 0.1 of them)")
+    minutes = config.save_last_every_minutes
+    if minutes is not None and not 0 <= minutes < float("inf"):
+        raise OptionError(
+            f"--save_last_every_minutes must be 0 or more (0: after every step), or null (only after validation); not {minutes}"
+        )
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """A bad argument is one line, as every other problem: jsonargparse prints its whole usage first (~70 lines)."""
+
+    def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
+        if not self.exit_on_error:  # jsonargparse trying one way of parsing among others
+            super().error(message, ex)
+        message = re.sub(r'Parser key "([^"]+)":', r"--\1:", " ".join(message.split()))
+        print(f"error: {message} (python train.py --help lists the options)", file=sys.stderr)
+        self.exit(2)
+
+
 class ColaCLI(LightningCLI):
+    claimed_run_dir: Optional[Path] = None  # the new run folder this process created, if it did
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
         parser.add_argument("--ckpt_path", type=Optional[str], default=None, help="Resume training from this last.ckpt.")
@@ -68,28 +115,59 @@ class ColaCLI(LightningCLI):
         parser.set_defaults({"early_stopping.monitor": "val_mcc", "early_stopping.mode": "max", "early_stopping.patience": 3})
 
     def before_instantiate_classes(self) -> None:
-        ckpt_path, logger = self.config.ckpt_path, self.config.trainer.logger
+        check_trainer_options(self.config)
+        logger = self.config.trainer.logger
+        init_args = logger.get("init_args", {}) if isinstance(logger, Namespace) else {}
+        if not all(key in init_args for key in ("save_dir", "name", "version")):  # another logger, or none
+            if self.config.ckpt_path:
+                check_resumable(self.config.ckpt_path)
+            return
+        root, job = Path(init_args.save_dir) / init_args.name, slurm_job()
+        requeued = requeued_slurm_run(root, job) if not self.config.ckpt_path else None
+        if requeued is not None:
+            checkpoint = newest_checkpoint(requeued)
+            if checkpoint is None:  # requeued before anything was saved: start again in the same folder
+                init_args.version = requeued.name
+            self.config.ckpt_path = checkpoint and str(checkpoint)
+        ckpt_path = self.config.ckpt_path
         if ckpt_path:
             check_resumable(ckpt_path)
-        init_args = logger.get("init_args", {}) if isinstance(logger, Namespace) else {}
-        if not all(key in init_args for key in ("save_dir", "name", "version")):
-            return
-        if ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
-            # Resuming .../version_N/checkpoints/last.ckpt continues in version_N: same TensorBoard run, same checkpoints.
-            logger.init_args.version = Path(ckpt_path).parent.parent.name
-        elif logger.init_args.version is None:
+            run_dir = resumed_run_folder(Path(ckpt_path))
+            if run_dir is not None:
+                init_args.save_dir, init_args.name, init_args.version = str(run_dir.parent.parent), run_dir.parent.name, run_dir.name
+                say(f"Resuming in the checkpoint's run folder, {run_dir}")
+        if init_args.version is None:
             if rank_zero_only.rank == 0:
-                logger.init_args.version = claim_run_version(Path(logger.init_args.save_dir) / logger.init_args.name)
-                os.environ[RUN_VERSION_ENV] = logger.init_args.version
+                init_args.version = claim_run_version(root)
+                os.environ[RUN_VERSION_ENV] = init_args.version
+                self.claimed_run_dir = root / init_args.version
+                if job:
+                    (self.claimed_run_dir / SLURM_JOB_FILE).write_text(job + "\n")
+                if ckpt_path:
+                    say(f"{ckpt_path} is not in a run folder's checkpoints/ folder: resuming in a new run folder, {self.claimed_run_dir}")
             else:  # a DDP process that Lightning started by running this script again: rank zero's folder
-                logger.init_args.version = os.environ.get(RUN_VERSION_ENV)
+                init_args.version = os.environ.get(RUN_VERSION_ENV)
+        if init_args.version is not None and self.config.trainer.default_root_dir is None:
+            # Lightning saves SLURM's requeue checkpoint (hpc_ckpt_N.ckpt) here: with its run, not in the working directory.
+            self.config.trainer.default_root_dir = os.path.join(init_args.save_dir, init_args.name, init_args.version)
+
+    def remove_unstarted_run(self) -> None:
+        """Remove the run folder this run claimed, after a failure before its first training step: it holds
+        only this run's files (config, an empty TensorBoard log), and an empty run would hide the last real one."""
+        if self.claimed_run_dir is not None:
+            shutil.rmtree(self.claimed_run_dir, ignore_errors=True)
+            self.claimed_run_dir = None
 
     def instantiate_classes(self) -> None:
         # TF32 matrix products on Ampere+ GPUs (tensor cores, 10-bit mantissa inputs, fp32 accumulation).
         # Set for CUDA alone, so that CPU products stay exact fp32.
         if torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        super().instantiate_classes()
+        try:
+            super().instantiate_classes()
+        except BaseException:  # a bad option, model or data folder: nothing was trained
+            self.remove_unstarted_run()
+            raise
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -152,6 +230,7 @@ def main() -> None:
         ColaModel,
         ColaDataModule,
         run=False,
+        parser_class=OneLineErrorParser,
         seed_everything_default=42,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
@@ -172,32 +251,61 @@ def main() -> None:
                     length_fn=lambda batch: int(batch["attention_mask"].sum()),  # real (unpadded) tokens
                 ),
                 timer,
-                StopOnCtrlC(),
+                StopOnSignal(),
+                ResumeInRunFolder(),
                 SanityChecks(),
             ],
         },
     )
-    # weights_only: resuming never runs code pickled into a checkpoint (check_resumable already refused such a file).
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path, weights_only=True)
-    if cli.trainer.is_global_zero:
-        report(cli.trainer, cli.datamodule, timer)
-        best_model_path = cli.trainer.checkpoint_callback.best_model_path
-        export_for_inference(best_model_path)
-        print(f'Next: python inference.py --checkpoint {best_model_path} "The boy is sitting on a bench."')
+    trainer = cli.trainer
+    try:
+        # weights_only: resuming never runs code pickled into a checkpoint (check_resumable already refused such a file).
+        trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path, weights_only=True)
+    except BaseException:
+        if trainer.global_step == 0:
+            cli.remove_unstarted_run()
+        raise
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None and checkpoint.best_model_score is None:  # no validation ran: nothing to report
+        raise OptionError(
+            f"no validation ran, so there is no best checkpoint (--trainer.max_steps ended training within an epoch,"
+            f" --trainer.check_val_every_n_epoch above the epochs trained, or a resumed run already at"
+            f" --trainer.max_epochs); stopped at step"
+            f" {trainer.global_step}, last checkpoint: {checkpoint.last_model_path or 'none saved'}"
+        )
+    if trainer.is_global_zero:
+        report(trainer, cli.datamodule, timer)
+        export_for_inference(checkpoint.best_model_path)
+        print(f'Next: python inference.py --checkpoint {checkpoint.best_model_path} "The boy is sitting on a bench."')
+
+
+def stop_before_training(signum: int, frame: Any) -> None:
+    raise StoppedBySignal(signum)  # during training StopOnSignal takes SIGTERM over, to stop between steps
 
 
 def run() -> None:
-    """main() as a command: a problem with the user's data, model id, network, checkpoint or learning rate
-    is one line on stderr (once under DDP) and exit status 1, not a traceback."""
+    """main() as a command: a problem with the user's data, model id, network, checkpoint or options is
+    one line on stderr (once under DDP) and exit status 1, not a traceback. Stopped by Ctrl-C or SIGTERM:
+    exit status 128 + the signal's number (130, 143), as a shell reports a process that a signal ended."""
+    previous_handler = signal.signal(signal.SIGTERM, stop_before_training)
     try:
         main()
     except (DataError, HubError, CheckpointError, NonFiniteLossError, OptionError) as e:
         if rank_zero_only.rank == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:  # Ctrl-C before training started (during it, StopOnCtrlC and Lightning handle it)
+    except StoppedBySignal as e:
+        if not e.saved and rank_zero_only.rank == 0:
+            print(f"\n{e}: stopped before training started, nothing to save", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except SIGTERMException:  # Lightning's own, if SIGTERM came while it had the signal (before training)
+        say("\nSIGTERM: stopped before training started, nothing to save")
+        sys.exit(128 + signal.SIGTERM)
+    except KeyboardInterrupt:  # Ctrl-C before training started (during it, StopOnSignal and Lightning handle it)
         print("\ninterrupted before training started: nothing to save", file=sys.stderr)
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
 
 
 if __name__ == "__main__":

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import datasets
 import pytest
 import torch
@@ -37,7 +39,8 @@ def test_local_folder_loads_both_splits(tiny_data_dir):
         ("src\t2\t\tA dog sat.", "train.tsv:2: label must be 0 or 1, found '2'"),
         ("src\t1\tA dog sat.", "train.tsv:2: expected 4 tab-separated columns (source, label, star, sentence), found 3"),
         ("src\t1\t\t   ", "train.tsv:2: empty sentence"),
-        ("", "train.tsv:2: expected 4 tab-separated columns"),
+        ("", "train.tsv:2: blank line (only the end of the file may have blank lines)"),
+        ("  \r", "train.tsv:2: blank line"),
     ],
 )
 def test_bad_line_names_file_line_and_problem(tmp_path, bad_line, message):
@@ -46,6 +49,31 @@ def test_bad_line_names_file_line_and_problem(tmp_path, bad_line, message):
         load_local_cola(tmp_path, "train")
     assert str(error.value).startswith(str(tmp_path / "train.tsv"))
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("ending", ["\n\n", "\r\n\r\n", "\n \n\n"])
+def test_blank_lines_at_the_end_are_ignored(tmp_path, ending):
+    (tmp_path / "train.tsv").write_text(f"src\t1\t\tThe dog sat.\nsrc\t0\t\tDog the.{ending}", newline="")
+    assert load_local_cola(tmp_path, "train")["label"] == [1, 0]
+    (tmp_path / "train.tsv").write_text("\n\n")
+    with pytest.raises(DataError, match=r"train.tsv: empty file \(no sentences\)"):
+        list(read_glue_tsv(tmp_path / "train.tsv"))
+
+
+def test_a_data_folder_that_cannot_be_read_is_one_data_error(tmp_path, monkeypatch):
+    # Tests run as root, whom chmod does not stop: make the folder's listing fail as it would for another user.
+    data_dir = tmp_path / "locked"
+    data_dir.mkdir()
+    real_stat = Path.stat
+
+    def stat(path, *args, **kwargs):
+        if path.parent == data_dir:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    with pytest.raises(DataError, match=r"locked/train.tsv: cannot read \(Permission denied\): check the permissions of --data.data_dir"):
+        load_local_cola(data_dir, "train")
 
 
 def test_non_utf8_and_missing_file(tmp_path):

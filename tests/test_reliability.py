@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -70,16 +71,20 @@ def metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
-def train_in_process(workdir: Path, args: list[str], sigint_before_step: int | None = None) -> SimpleNamespace:
+def train_in_process(
+    workdir: Path, args: list[str], sigint_before_step: int | None = None, signals: dict[int, int] | None = None
+) -> SimpleNamespace:
     """`python train.py ARGS` run in this process (saving the ~10 s a new one takes to import everything), as
     a command: the same sys.argv and exit status. Optionally this process gets a SIGINT (Ctrl-C) when training
-    step sigint_before_step + 1 starts."""
-    saved = os.getcwd(), sys.argv, signal.getsignal(signal.SIGINT), ColaModel.on_train_batch_start
+    step sigint_before_step + 1 starts, or each signal of signals {steps done: signal} then."""
+    signals = {**(signals or {}), **({sigint_before_step: signal.SIGINT} if sigint_before_step is not None else {})}
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    saved = os.getcwd(), sys.argv, {s: signal.getsignal(s) for s in handled}, ColaModel.on_train_batch_start
     out, err = io.StringIO(), io.StringIO()
 
     def on_train_batch_start(self, batch, batch_idx):
-        if self.global_step == sigint_before_step:
-            os.kill(os.getpid(), signal.SIGINT)
+        if self.global_step in signals:
+            os.kill(os.getpid(), signals[self.global_step])
 
     try:
         os.chdir(workdir)
@@ -95,7 +100,8 @@ def train_in_process(workdir: Path, args: list[str], sigint_before_step: int | N
         # Lightning ignores SIGINT once it has handled one; the run may have published its folder.
         os.chdir(saved[0])
         sys.argv, ColaModel.on_train_batch_start = saved[1], saved[3]
-        signal.signal(signal.SIGINT, saved[2])
+        for signum, handler in saved[2].items():
+            signal.signal(signum, handler)
         os.environ.pop(train.RUN_VERSION_ENV, None)
     return SimpleNamespace(returncode=returncode, stdout=out.getvalue(), stderr=err.getvalue())
 
@@ -160,7 +166,7 @@ def test_same_seed_same_data_gives_identical_val_mcc(faults, trained):
 
 def test_ctrl_c_saves_last_checkpoint_and_prints_how_to_resume(faults):
     result = faults.ctrl_c
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "Ctrl-C: stopping after this training step" in result.stderr
     last = (faults.run_dir / "checkpoints/last.ckpt").relative_to(faults.run_dir.parents[2])  # as the run saw it
     assert f"Stopped at step 9, saved {last}. Resume with:" in result.stdout
@@ -281,8 +287,9 @@ def test_model_not_in_cache_while_offline_is_one_line_that_says_how_to_run_offli
     line = one_line_error(train_in_process(tmp_path, args))
     assert line.startswith("error: model 'no-such-org/no-such-model' is not in the local cache, and HF_HUB_OFFLINE is set")
     assert "--model.model_name_or_path DIR" in line and "--data.data_dir DIR" in line
-    # The run had claimed its folder up front, before loading anything (the logger picks one much later).
-    assert [d.name for d in (tmp_path / "logs/cola").iterdir()] == ["version_0"]
+    # The run had claimed its folder up front, before loading anything (the logger picks one much later),
+    # and removed it when it stopped before training: no empty run to hide the last real one.
+    assert list((tmp_path / "logs/cola").iterdir()) == []
 
 
 def test_hub_errors_name_what_failed(tmp_path, tiny_model_dir):
@@ -355,3 +362,167 @@ def test_unreachable_hub_and_wrong_ids_are_told_apart():
         assert len(lines) == 2, out + err[-3000:]
         assert lines[0].startswith(expected[hub][0]) and lines[1].startswith(expected[hub][1]), lines
         assert all("--data.data_dir DIR" in line for line in lines)
+
+
+def test_sigterm_saves_last_checkpoint_exits_143_and_the_resumed_run_ends_like_an_undisturbed_one(
+    trained, tmp_path, tiny_model_dir, tiny_data_dir
+):
+    # SLURM, Kubernetes and `docker stop` send SIGTERM, then SIGKILL: it must be handled like Ctrl-C.
+    args = tiny_train_args(tiny_model_dir, tiny_data_dir) + ["--trainer.max_epochs", "2"]
+    run = Run(tmp_path, "sigterm", args, fault="pause_before_step:8")
+    run.wait_for_pause()
+    run.process.send_signal(signal.SIGTERM)
+    run.marker.unlink()  # go on: step 9 finishes, then the run stops
+    result = run.finish()
+    assert result.returncode == 143 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "SIGTERM: stopping after this training step" in result.stderr
+    assert "Stopped at step 9, saved logs/cola/version_0/checkpoints/last.ckpt. Resume with:" in result.stdout
+    assert global_step(tmp_path / "logs/cola/version_0/checkpoints/last.ckpt") == 9
+    command = shlex.split(result.stdout.split("Resume with:\n")[1].splitlines()[0])
+    final = train_in_process(tmp_path, command[2:])
+    assert final.returncode == 0, final.stderr[-3000:]
+    resumed, undisturbed = metrics(tmp_path / "logs/cola/version_0"), metrics(trained[0] / "logs/cola/version_0")
+    assert (resumed["global_step"], resumed["best_val_mcc"]) == (undisturbed["global_step"], undisturbed["best_val_mcc"])
+    assert resumed["last_epoch_metrics"]["val_loss"] == pytest.approx(undisturbed["last_epoch_metrics"]["val_loss"], rel=1e-6)
+
+
+SLURM_ENV = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "cola", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
+
+
+def test_a_requeued_slurm_job_resumes_its_run_in_the_same_folder(trained, tmp_path, monkeypatch, tiny_model_dir, tiny_data_dir):
+    # As SLURM runs it: SIGUSR1 before the time limit (Lightning saves hpc_ckpt_1.ckpt and requeues the job;
+    # scontrol is missing here, which it reports), then SIGTERM; the same command again, same job id.
+    for name, value in SLURM_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    args = tiny_train_args(tiny_model_dir, tiny_data_dir) + ["--trainer.max_epochs", "2"]
+    (tmp_path / "logs/cola/version_0").mkdir(parents=True)  # an earlier, unrelated run
+    first = train_in_process(tmp_path, args, signals={3: signal.SIGUSR1, 4: signal.SIGTERM})
+    assert first.returncode == 143, first.stderr[-3000:]
+    run_dir = tmp_path / "logs/cola/version_1"
+    assert (run_dir / "hpc_ckpt_1.ckpt").is_file() and not list(tmp_path.glob("hpc_ckpt_*"))
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    requeued = train_in_process(tmp_path, args)
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert "Resuming in the checkpoint's run folder, logs/cola/version_1" in requeued.stderr
+    assert sorted(d.name for d in (tmp_path / "logs/cola").iterdir()) == ["version_0", "version_1"]
+    resumed, undisturbed = metrics(run_dir), metrics(trained[0] / "logs/cola/version_0")
+    assert (resumed["global_step"], resumed["best_val_mcc"]) == (undisturbed["global_step"], undisturbed["best_val_mcc"])
+
+
+def test_a_resume_continues_in_the_checkpoints_own_run_folder_never_in_this_folders(trained, tmp_path, tiny_model_dir, tiny_data_dir):
+    here, other = tmp_path / "here", tmp_path / "other"
+    for folder in (here, other):
+        shutil.copytree(trained[0] / "logs", folder / "logs")
+    here_before = {p: p.read_bytes() for p in (here / "logs").rglob("*") if p.is_file()}
+    args = tiny_train_args(tiny_model_dir, tiny_data_dir) + ["--trainer.max_epochs", "3"]
+    result = train_in_process(here, [*args, "--ckpt_path", "../other/logs/cola/version_0/checkpoints/last.ckpt"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {p: p.read_bytes() for p in (here / "logs").rglob("*") if p.is_file()} == here_before  # untouched
+    resumed = metrics(other / "logs/cola/version_0")
+    assert resumed["epochs"] == 3
+    # The best so far is remembered across the move: its path names a file of that run, as seen from here.
+    best = here / resumed["best_model_path"]
+    assert best.is_file() and best.resolve().parent == (other / "logs/cola/version_0/checkpoints").resolve()
+    assert resumed["best_val_mcc"] >= metrics(trained[0] / "logs/cola/version_0")["best_val_mcc"]
+
+    # A checkpoint kept outside any run folder resumes in a new one, which says so.
+    shutil.copy(trained[0] / "logs/cola/version_0/checkpoints/last.ckpt", tmp_path / "kept.ckpt")
+    result = train_in_process(here, [*args, "--ckpt_path", str(tmp_path / "kept.ckpt")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{tmp_path / 'kept.ckpt'} is not in a run folder's checkpoints/ folder: resuming in a new run folder, logs/cola/version_1" in result.stderr
+    assert metrics(here / "logs/cola/version_1")["best_model_path"].startswith("logs/cola/version_1/checkpoints/best-")
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--data.batch_size", "0", "--data.batch_size must be at least 1, not 0"),
+        ("--data.max_length", "1", "--data.max_length must be at least 3 ([CLS], one token, [SEP]), not 1"),
+        ("--data.num_workers", "-1", "--data.num_workers must be 0 or more"),
+        ("--model.learning_rate", "-1", "--model.learning_rate must be a positive number"),
+        ("--model.learning_rate", "0", "--model.learning_rate must be a positive number"),
+        ("--model.warmup_ratio", "2", "--model.warmup_ratio must be at least 0 and below 1"),
+        ("--model.layer_decay", "0", "--model.layer_decay must be above 0 and at most 1"),
+        ("--trainer.max_epochs", "0", "--trainer.max_epochs must be at least 1, or -1 for no limit; not 0"),
+        ("--trainer.max_epochs", "-2", "--trainer.max_epochs must be at least 1, or -1 for no limit; not -2"),
+        ("--trainer.max_steps", "0", "--trainer.max_steps must be at least 1"),
+        ("--save_last_every_minutes", "-1", "--save_last_every_minutes must be 0 or more"),
+        ("--trainer.limit_val_batches", "0", "--trainer.limit_val_batches 0 skips validation"),
+    ],
+)
+def test_a_bad_option_is_one_line_and_leaves_no_run_folder(tmp_path, tiny_model_dir, tiny_data_dir, option, value, message):
+    result = train_in_process(tmp_path, [*tiny_train_args(tiny_model_dir, tiny_data_dir), option, value])
+    line = one_line_error(result)
+    assert line.startswith(f"error: {message}"), line
+    assert not list(tmp_path.glob("logs/cola/*"))
+
+
+def test_a_mistyped_option_is_one_line(tmp_path):
+    result = train_in_process(tmp_path, ["--data.batch_size", "abc"])
+    assert result.returncode == 2 and result.stdout == "", result.stderr[-3000:]
+    assert result.stderr == "error: --data.batch_size: Expected a <class 'int'>. Got value: abc (python train.py --help lists the options)\n"
+
+
+def test_training_that_never_validates_is_one_line_not_a_crash_in_the_report(tmp_path, tiny_model_dir, tiny_data_dir):
+    result = train_in_process(tmp_path, [*tiny_train_args(tiny_model_dir, tiny_data_dir), "--trainer.max_steps", "2"])
+    line = one_line_error(result)
+    assert line.startswith("error: no validation ran, so there is no best checkpoint (--trainer.max_steps ended"), line
+    assert line.endswith("stopped at step 2, last checkpoint: logs/cola/version_0/checkpoints/last.ckpt")
+
+
+def test_a_wrong_data_folder_leaves_no_run_folder(tmp_path, tiny_model_dir):
+    result = train_in_process(tmp_path, tiny_train_args(tiny_model_dir, tmp_path / "no-such-folder"))
+    assert one_line_error(result).startswith(f"error: {tmp_path / 'no-such-folder' / 'train.tsv'}: file not found")
+    assert not list(tmp_path.glob("logs/cola/*"))
+
+
+def test_resuming_with_a_model_of_another_size_or_a_damaged_random_state_is_one_line(trained, tmp_path, tiny_model_dir, tiny_data_dir):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    run_dir = tmp_path / "logs/cola/version_0"
+    shutil.copytree(trained[0] / "logs/cola/version_0", run_dir)
+    files_before = sorted(p.name for p in run_dir.rglob("*"))
+    wider = tmp_path / "wider-bert"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (wider / name).parent.mkdir(exist_ok=True)
+        shutil.copy(tiny_model_dir / name, wider / name)
+    config = BertConfig.from_pretrained(tiny_model_dir)
+    config.hidden_size, config.intermediate_size = 64, 128
+    BertForSequenceClassification(config).save_pretrained(wider)
+    last = run_dir / "checkpoints/last.ckpt"
+    args = tiny_train_args(tiny_model_dir, tiny_data_dir) + ["--trainer.max_epochs", "3", "--ckpt_path", str(last)]
+    result = train_in_process(tmp_path, [*args, "--model.model_name_or_path", str(wider)])
+    line = one_line_error(result)
+    assert line.startswith(f"error: {last}: a checkpoint of a model of another size (model.bert.embeddings."), line
+    assert "resume with the --model.model_name_or_path it was trained from" in line
+
+    damaged = tmp_path / "logs/cola/version_0/checkpoints/damaged.ckpt"
+    good = torch.load(last, map_location="cpu", weights_only=True)
+    torch.save({**good, "rng_states": {"cpu": torch.zeros(3, dtype=torch.uint8)}}, damaged)
+    result = train_in_process(tmp_path, [*args[:-1], str(damaged)])
+    assert one_line_error(result).startswith(f"error: {damaged}: its saved random state is damaged")
+    damaged.unlink()
+    assert set(files_before) <= {p.name for p in run_dir.rglob("*")}  # the resumed run's folder stays
+
+
+def test_ctrl_c_while_importing_torch_is_one_line_and_exit_130(monkeypatch, capsys):
+    import builtins
+    import runpy
+
+    real_import = builtins.__import__
+
+    def interrupted_import(name, *args, **kwargs):
+        if name == "torch":
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted_import)
+    try:  # (a KeyboardInterrupt let through would stop pytest itself)
+        runpy.run_path(str(REPO / "train.py"), run_name="__main__")
+    except BaseException as stop:
+        exit = stop
+    monkeypatch.undo()
+    assert isinstance(exit, SystemExit) and exit.code == 130, repr(exit)
+    assert capsys.readouterr().err.strip() == "interrupted while starting: nothing to save"

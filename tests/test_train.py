@@ -130,7 +130,7 @@ def test_early_stopping_waits_for_warmup_to_end():
     checked = []
     with mock.patch("pytorch_lightning.callbacks.EarlyStopping._run_early_stopping_check", lambda self, t: checked.append(t.global_step)):
         for step in (5, 9, 10, 20):
-            callback._run_early_stopping_check(SimpleNamespace(global_step=step, lightning_module=SimpleNamespace(warmup_steps=10)))
+            callback._run_early_stopping_check(SimpleNamespace(global_step=step, max_steps=-1, lightning_module=SimpleNamespace(warmup_steps=10)))
     assert checked == [10, 20]
 
 
