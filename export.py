@@ -15,9 +15,12 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 
 def model_facts(checkpoint: dict) -> dict:

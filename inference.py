@@ -181,9 +181,11 @@ def read_lines(source: BinaryIO, name: str) -> Iterator[list[str]]:
     with source:
         try:
             for number, raw in enumerate(source, start=1):
-                # -sig: without the byte-order mark some Windows editors write at the start of a file.
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-                chunk.append(line.removesuffix("\n").removesuffix("\r"))
+                if number == 1:  # without the byte-order mark some Windows editors write at the start
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")
+                    if not raw:
+                        break  # the file was that mark alone: no line
+                chunk.append(raw.decode("utf-8").removesuffix("\n").removesuffix("\r"))
                 if len(chunk) == CHUNK_LINES:
                     yield chunk
                     chunk = []
