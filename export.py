@@ -195,7 +195,7 @@ class CachedExport:
         made_from = session.get_modelmeta().custom_metadata_map
         if made_from.get("checkpoint_identity") == self.identity or made_from.get("checkpoint_sha256") == self.sha256:
             return session, None
-        return None, f"again: the cached {path} was made from other weights than {self.checkpoint_path.name}'s"
+        return None, f"again: the cached {path} does not match {self.checkpoint_path.name}'s content (other weights)"
 
     def metadata(self) -> dict:
         return {"checkpoint_sha256": self.sha256, "checkpoint_identity": self.identity}
