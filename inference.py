@@ -236,7 +236,7 @@ def main() -> None:
         return
     chunks = read_sentences(args)
     # Bad input near the start fails before the model loads; a second chunk means a long input.
-    head = [chunk for chunk in itertools.islice(chunks, 2)]
+    head = list(itertools.islice(chunks, 2))
     predictor = ColaPredictor(checkpoint, backend=args.backend)
     label_width = max(len(label) for label in predictor.labels)
     line, truncated, not_finite, bar = 1, 0, 0, None
