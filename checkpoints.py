@@ -7,6 +7,7 @@ opens a checkpoint, only the ONNX export cached for it.
 import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -94,33 +95,60 @@ def newest_checkpoint(run_dir: Path) -> Optional[Path]:
 
 
 def find_best_checkpoint(log_dir: Path = LOG_DIR) -> Path:
-    """The checkpoint ModelCheckpoint marked best in the most recent run (highest version_N) that has one."""
+    """The checkpoint ModelCheckpoint marked best in the most recent run (highest version_N) that has one.
+    Newer runs that cannot be used (none saved yet, or damaged) are named in one line on stderr."""
+    skipped = []
     for number in run_numbers(log_dir):
-        best = best_checkpoint_of_run(log_dir / f"version_{number}")
-        if best is not None:
-            return best
+        run_dir = log_dir / f"version_{number}"
+        try:
+            best = best_checkpoint_of_run(run_dir)
+        except CheckpointError as e:
+            skipped.append(f"version_{number} ({e})")
+            continue
+        if best is None:
+            skipped.append(f"version_{number} (no best checkpoint yet)")
+            continue
+        if skipped:
+            print(f"note: using {run_dir}: the newer {', '.join(skipped)} cannot be used", file=sys.stderr)
+        return best
+    if skipped:
+        raise CheckpointError(f"no usable run under {log_dir}: {', '.join(skipped)}; pass --checkpoint")
     raise CheckpointError(f"no trained run under {log_dir}: train one first with `python train.py`, or pass --checkpoint")
 
 
 def best_checkpoint_of_run(run_dir: Path) -> Optional[Path]:
-    """metrics.json names the best checkpoint of a finished run; an unfinished run's last.ckpt remembers it."""
+    """metrics.json names the best checkpoint of a finished run; an unfinished run's last.ckpt remembers it.
+    None while the run has saved none; CheckpointError (the reason, without the path) for a damaged run."""
     best_path = None
     if (run_dir / "metrics.json").is_file():
-        best_path = json.loads((run_dir / "metrics.json").read_text())["best_model_path"]
+        try:
+            best_path = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))["best_model_path"]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            raise CheckpointError("its metrics.json is not valid JSON with a best_model_path") from None
+        if not isinstance(best_path, str):
+            raise CheckpointError("its metrics.json is not valid JSON with a best_model_path")
     elif (run_dir / "checkpoints" / "last.ckpt").is_file():
-        state = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["callbacks"]
-        best_path = next((v["best_model_path"] for k, v in state.items() if k.startswith("ModelCheckpoint")), None)
+        try:
+            state = load_checkpoint(run_dir / "checkpoints" / "last.ckpt").get("callbacks", {})
+            best_path = next((v["best_model_path"] for k, v in state.items() if k.startswith("ModelCheckpoint")), None)
+        except (CheckpointError, AttributeError, KeyError, TypeError):
+            raise CheckpointError("its checkpoints/last.ckpt is damaged and there is no metrics.json") from None
     if not best_path:
         return None
     # The path was recorded relative to where training ran; the file sits in this run's checkpoints folder.
     best = run_dir / "checkpoints" / Path(best_path).name
-    return best if best.is_file() else None
+    if not best.is_file():
+        raise CheckpointError(f"its best checkpoint, checkpoints/{best.name}, is missing")
+    return best
 
 
 def resolve_checkpoint(path: Path) -> Path:
     """A .ckpt file as given, or the best checkpoint of a run folder."""
     if path.is_dir():
-        best = best_checkpoint_of_run(path)
+        try:
+            best = best_checkpoint_of_run(path)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: this run folder cannot be used: {e}") from None
         if best is None:
             raise CheckpointError(f"{path}: no best checkpoint in this run folder")
         return best
@@ -141,7 +169,37 @@ def load_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{path}: not a loadable checkpoint (truncated, tampered or another format): {reason}")
     if not isinstance(checkpoint, dict) or not {"hf_config", "tokenizer_files", "state_dict"} <= checkpoint.keys():
         raise CheckpointError(f"{path}: not a checkpoint of this project (no model config or tokenizer inside)")
+    damage = model_config_damage(checkpoint["hf_config"]) or tokenizer_damage(checkpoint["tokenizer_files"])
+    if damage:
+        raise CheckpointError(f"{path}: {damage}; this checkpoint cannot be used, pick another one")
     return checkpoint
+
+
+def model_config_damage(config) -> Optional[str]:
+    """What is wrong with a checkpoint's hf_config for prediction (its labels, its architecture), or None."""
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        return "its model config (hf_config) is damaged: no model_type"
+    labels = config.get("id2label")
+    try:
+        ids = sorted(int(k) for k in labels)
+    except (TypeError, ValueError):
+        return "its model config (hf_config) is damaged: id2label is not a mapping of class ids to labels"
+    if not ids or ids != list(range(len(ids))) or not all(isinstance(v, str) for v in labels.values()):
+        return "its model config (hf_config) is damaged: id2label is not a mapping of class ids to labels"
+    return None
+
+
+def tokenizer_damage(files) -> Optional[str]:
+    """What is wrong with a checkpoint's tokenizer_files, or None: tokenizer.json must load in `tokenizers`."""
+    from tokenizers import Tokenizer  # ~0.1 s, and only where a checkpoint is opened anyway
+
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        return "its tokenizer (tokenizer_files) is damaged"
+    try:
+        Tokenizer.from_str(files["tokenizer.json"])
+    except Exception:  # KeyError, or the Rust side's own Exception for text that is not a tokenizer
+        return "its tokenizer (tokenizer_files) is damaged: tokenizer.json does not load"
+    return None
 
 
 def check_resumable(ckpt_path: str) -> None:

@@ -4,16 +4,23 @@ needs it, so that importing this module costs nothing on inference's fast path.
 """
 
 import contextlib
+import errno
+import functools
+import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 from checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 
 def model_facts(checkpoint: dict) -> dict:
@@ -37,10 +44,19 @@ def load_torch_model(checkpoint: dict):
 
     transformers_logging.disable_progress_bar()  # "Loading weights" bars are noise on a command line
 
-    config = AutoConfig.for_model(**checkpoint["hf_config"])
     weights = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    model_class = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]  # e.g. BertForSequenceClassification
-    model = model_class.from_pretrained(None, config=config, state_dict=weights).eval()
+    try:
+        config = AutoConfig.for_model(**checkpoint["hf_config"])
+        model_class = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]  # e.g. BertForSequenceClassification
+        model, loading = model_class.from_pretrained(None, config=config, state_dict=weights, output_loading_info=True)
+    except Exception as e:  # ValueError, KeyError, RuntimeError (shapes)...: the config does not build this model
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"the checkpoint's model config does not fit its weights: {reason}") from None
+    # from_pretrained fills missing weights with random ones and only logs it: that would serve an untrained model.
+    missing = loading["missing_keys"] or loading["mismatched_keys"]
+    if missing:
+        raise CheckpointError(f"the checkpoint's weights do not fit its model config: {sorted(missing)[0]} missing")
+    model.eval()
     with tempfile.TemporaryDirectory() as tmp:
         for name, text in checkpoint["tokenizer_files"].items():
             (Path(tmp) / name).write_text(text, encoding="utf-8")
@@ -74,14 +90,13 @@ def quiet_libraries() -> Iterator[None]:
             logging.disable(logging.NOTSET)
 
 
-def build_onnx(checkpoint_path: Path, onnx_path: Path) -> None:
-    """Export the checkpoint's model to ONNX (dynamic batch and sequence axes), facts in its metadata."""
+def build_onnx(checkpoint: dict, classifier: tuple, onnx_path: Path, made_from: dict) -> None:
+    """Export the checkpoint's model (classifier: load_classifier's) to ONNX (dynamic batch and sequence
+    axes), facts in its metadata together with made_from (what identifies the checkpoint file)."""
     import onnx
     import torch
 
-    checkpoint = load_checkpoint(checkpoint_path)
-    print(f"Exporting {checkpoint_path.name} to ONNX, once, for fast start-up from now on...", file=sys.stderr)
-    model, tokenizer = load_classifier(checkpoint)
+    model, tokenizer = classifier
     example = dict(tokenizer(["An example.", "A longer example sentence."], padding=True, return_tensors="pt"))
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     with quiet_libraries():
@@ -92,16 +107,16 @@ def build_onnx(checkpoint_path: Path, onnx_path: Path) -> None:
     program.save(onnx_path, external_data=False)
     model_proto = onnx.load(onnx_path)
     facts = model_facts(checkpoint)
-    onnx.helper.set_model_props(model_proto, {k: v if isinstance(v, str) else json.dumps(v) for k, v in facts.items()})
+    facts = {k: v if isinstance(v, str) else json.dumps(v) for k, v in facts.items()}
+    onnx.helper.set_model_props(model_proto, {**facts, **made_from})
     onnx.save(model_proto, onnx_path)
 
 
 def build_int8(onnx_path: Path, int8_path: Path) -> None:
     """The fp32 export with int8 weights; activations are quantized per call (dynamic quantization).
-    The metadata (tokenizer, labels) is kept."""
+    The metadata (tokenizer, labels, the checkpoint's sha256) is kept."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    print(f"Quantizing {onnx_path.name} to int8, once...", file=sys.stderr)
     # quantize_dynamic advises quant_pre_process first: on this export its shape inference fails, and with
     # that step skipped the graph and the results come out the same. quiet_libraries() silences the advice.
     with quiet_libraries():
@@ -110,29 +125,126 @@ def build_int8(onnx_path: Path, int8_path: Path) -> None:
         quantize_dynamic(onnx_path, int8_path, weight_type=QuantType.QUInt8)
 
 
-def cached(path: Path, checkpoint_path: Path, build: Callable[[Path], None]) -> Path:
-    """path, built by build() unless it is newer than the checkpoint (one saved again: the run went on)."""
-    if path.is_file() and path.stat().st_mtime >= checkpoint_path.stat().st_mtime:
-        return path
-    if not os.access(path.parent, os.W_OK):
-        path = Path(tempfile.mkdtemp()) / path.name  # read-only run folder: no cache
-    tmp_path = path.with_suffix(f".tmp{os.getpid()}")
-    build(tmp_path)
-    os.replace(tmp_path, path)  # atomic: a concurrent or interrupted run never sees half a file
-    return path
+def checkpoint_identity(checkpoint_path: Path) -> str:
+    """The checkpoint file as the file system knows it. Any write changes its ctime (which no tool can set
+    back) and a replacement its inode, so an unchanged identity means unchanged content, without the
+    ~0.12 s of hashing a 90 MB checkpoint on every start."""
+    stat = checkpoint_path.stat()
+    return f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def user_cache_dir() -> Path:
+    """Where exports of checkpoints in read-only folders go (the XDG convention), one per checkpoint content."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlops-one"
+
+
+def writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK)
+
+
+class CachedExport:
+    """The ONNX export of one checkpoint, and its int8 copy, each checked against the checkpoint's content.
+
+    An export carries the checkpoint's sha256 (and its file identity, to skip hashing) in its metadata:
+    a cache that does not load, or that was made from other weights, is rebuilt, saying so in one line.
+    Beside the checkpoint if that folder is writable (or already holds a good export), else in the user's
+    cache folder under the checkpoint's sha256."""
+
+    def __init__(self, checkpoint_path: Path) -> None:
+        self.checkpoint_path = checkpoint_path
+        self.identity = checkpoint_identity(checkpoint_path)  # before hashing and loading: a later change shows
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        return file_sha256(self.checkpoint_path)
+
+    def session(self, int8: bool = False) -> tuple[Path, "onnxruntime.InferenceSession"]:
+        """A valid, current export's path and its loaded ONNX Runtime session, built first if need be."""
+        suffix = ".int8.onnx" if int8 else ".onnx"
+        beside = self.checkpoint_path.with_suffix(suffix)
+        session, reason = self.load(beside)
+        if session:
+            return beside, session
+        path = beside if writable(beside.parent) else user_cache_dir() / f"{self.sha256}{suffix}"
+        if path != beside:
+            session, cache_reason = self.load(path)
+            if session:
+                return path, session
+            reason = cache_reason or reason
+        if int8:
+            fp32_path, _ = self.session()
+            build = lambda p: build_int8(fp32_path, p)  # noqa: E731
+            action = f"Quantizing {fp32_path.name} to int8"
+        else:
+            made_from = self.metadata()  # hashed before loading: weights changed meanwhile show as a mismatch
+            checkpoint = load_checkpoint(self.checkpoint_path)
+            classifier = load_classifier(checkpoint)  # a damaged checkpoint fails here, before the line below
+            build = lambda p: build_onnx(checkpoint, classifier, p, made_from)  # noqa: E731
+            action = f"Exporting {self.checkpoint_path.name} to ONNX"
+        print(f"{action} {reason or 'once, for fast start-up from now on'}...", file=sys.stderr)
+        write_atomically(path, build)
+        return path, self.load(path)[0]
+
+    def load(self, path: Path) -> tuple[Optional["onnxruntime.InferenceSession"], Optional[str]]:
+        """(the session, None) for a good export at path; (None, why it must be built) otherwise."""
+        import onnxruntime
+
+        if not path.is_file():
+            return None, None
+        try:
+            session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        except Exception:  # onnxruntime's InvalidProtobuf, Fail...: truncated or overwritten
+            return None, f"again: the cached {path} is damaged"
+        made_from = session.get_modelmeta().custom_metadata_map
+        if made_from.get("checkpoint_identity") == self.identity or made_from.get("checkpoint_sha256") == self.sha256:
+            return session, None
+        return None, f"again: the cached {path} does not match {self.checkpoint_path.name}'s content (other weights)"
+
+    def metadata(self) -> dict:
+        return {"checkpoint_sha256": self.sha256, "checkpoint_identity": self.identity}
+
+
+def write_atomically(path: Path, build: Callable[[Path], None]) -> None:
+    """build() writes a temporary file beside path, which then replaces path in one step: a concurrent or
+    interrupted run never sees half a file, and an interrupted or failed build leaves nothing behind."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass  # reported below, as for a folder that exists but is read-only
+    if not writable(path.parent):
+        raise CheckpointError(
+            f"cannot cache the ONNX export: {path.parent} is not writable; set XDG_CACHE_HOME to a writable"
+            " folder, or use --backend torch"
+        )
+    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        build(tmp_path)
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
 
 
 def onnx_export(checkpoint_path: Path, int8: bool = False) -> Path:
-    """The checkpoint's ONNX export (or its int8 copy), built once and cached beside the checkpoint."""
-    path = cached(checkpoint_path.with_suffix(".onnx"), checkpoint_path, lambda p: build_onnx(checkpoint_path, p))
-    if int8:
-        fp32 = path
-        path = cached(checkpoint_path.with_suffix(".int8.onnx"), checkpoint_path, lambda p: build_int8(fp32, p))
-    return path
+    """The path of the checkpoint's current ONNX export (or its int8 copy), built if missing, damaged or stale."""
+    return CachedExport(checkpoint_path).session(int8)[0]
 
 
 def export_hf(checkpoint_path: Path, out_dir: str) -> None:
-    """A Hugging Face model folder: `pipeline("text-classification", model=out_dir)` loads it offline."""
+    """A Hugging Face model folder: `pipeline("text-classification", model=out_dir)` loads it offline.
+    out_dir must be new or empty (an export never mixes with other files); it appears complete or not
+    at all. OSError (FileExistsError, PermissionError...) when it cannot be written."""
+    out = Path(out_dir)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        kind = "a folder that is not empty" if out.is_dir() else "an existing file"
+        raise FileExistsError(errno.EEXIST, f"{kind}; give a new or empty folder")
+    parent = next(p for p in out.absolute().parents if p.exists())  # checked now, before the slow part
+    if not parent.is_dir() or not writable(parent):
+        raise PermissionError(errno.EACCES, f"cannot write in {parent}")
     path = resolve_checkpoint(checkpoint_path)
     checkpoint = load_checkpoint(path)
     if pooling(checkpoint) != "cls":
@@ -141,5 +253,11 @@ def export_hf(checkpoint_path: Path, out_dir: str) -> None:
             " do (it classifies the [CLS] vector); predict with inference.py instead"
         )
     model, tokenizer = load_torch_model(checkpoint)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out)  # replaces a missing or empty folder in one step
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -9,25 +9,29 @@ Without --checkpoint it uses the best checkpoint of the most recent run under lo
 
 Start-up time is the point of this file's shape: importing torch and transformers' BERT takes ~6 s
 on a 2-core machine, onnxruntime and tokenizers ~0.3 s. So the first use of a checkpoint exports
-its model to ONNX beside it (`best-....onnx`, with the tokenizer and labels in its metadata), and
-every later run loads only that. `--backend onnx-int8` runs a copy with int8 weights instead (CPUs:
+its model to ONNX beside it (`best-....onnx`, with the tokenizer, labels and the checkpoint's sha256
+in its metadata; in ~/.cache/mlops-one/ if the run folder is read-only), and every later run loads
+only that, after checking that it was made from this checkpoint's content (export.CachedExport). `--backend onnx-int8` runs a copy with int8 weights instead (CPUs:
 faster, probabilities ~0.02 off), `--backend torch` runs the checkpoint in PyTorch (GPUs).
 """
 
 import argparse
+import itertools
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
-import onnxruntime
 from tokenizers import Tokenizer
 
 from checkpoints import CheckpointError, find_best_checkpoint, load_checkpoint, resolve_checkpoint
-from export import export_hf, load_classifier, model_facts, onnx_export
+from export import CachedExport, export_hf, load_classifier, model_facts
 
 BATCH_SIZE = 64
+CHUNK_LINES = 10_000  # --file and stdin are read, predicted and printed this many lines at a time: flat memory
+NOT_FINITE = "the model's output is not a finite number (NaN or infinity): its weights are damaged"
 BACKENDS = ("onnx", "onnx-int8", "torch")
 
 
@@ -48,9 +52,7 @@ class ColaPredictor:
             raise InputError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         path = resolve_checkpoint(Path(checkpoint_path))
         if backend != "torch":
-            session = onnxruntime.InferenceSession(
-                onnx_export(path, int8=backend == "onnx-int8"), providers=["CPUExecutionProvider"]
-            )
+            _, session = CachedExport(path).session(int8=backend == "onnx-int8")
             facts = session.get_modelmeta().custom_metadata_map
             self.input_names = [i.name for i in session.get_inputs()]
             self._logits: Callable[[dict], np.ndarray] = lambda inputs: session.run(["logits"], inputs)[0]
@@ -67,13 +69,25 @@ class ColaPredictor:
         self.tokenizer.enable_truncation(self.max_length)
         self.tokenizer.no_padding()
 
-    def predict(self, sentences: list[str], batch_size: int = BATCH_SIZE, progress: bool = False) -> list[dict]:
-        """One result per sentence, in order: {"sentence", "label", "probabilities": {label: p}},
-        or {"sentence", "error"} for an empty sentence. InputError for input that is not text."""
+    def predict(
+        self, sentences: list[str] | tuple[str, ...], batch_size: int = BATCH_SIZE, progress: bool = False
+    ) -> list[dict]:
+        """One result per sentence, in order: {"sentence", "label", "probabilities": {label: p}}, or
+        {"sentence", "error"} for an empty sentence, or one the model gives no finite output for.
+        sentences is a list or tuple of strings; anything else (one string, a generator, a dict, None), a
+        sentence that is not text and a batch_size that is not a positive integer raise InputError."""
+        results, truncated = self.predict_counting_truncated(sentences, batch_size, progress)
+        if truncated:
+            print(f"warning: {truncated} sentence(s) longer than {self.max_length} tokens were truncated", file=sys.stderr)
+        return results
+
+    def predict_counting_truncated(self, sentences, batch_size: int, progress: bool) -> tuple[list[dict], int]:
+        """predict(), and how many sentences were truncated, unreported: the command line reads its input in
+        chunks and reports them once for all."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, not {batch_size!r}")
-        if isinstance(sentences, str):
-            raise InputError("sentences must be a list of strings, not one string")
+        if not isinstance(sentences, (list, tuple)):
+            raise InputError(f"sentences must be a list or tuple of strings, not {type(sentences).__name__}")
         for number, sentence in enumerate(sentences, start=1):
             if not isinstance(sentence, str):
                 raise InputError(f"sentence {number} is a {type(sentence).__name__}, not a string")
@@ -85,22 +99,24 @@ class ColaPredictor:
         todo = [i for i, s in enumerate(sentences) if s.strip()]
         encodings = dict(zip(todo, self.tokenizer.encode_batch([sentences[i] for i in todo])))
         truncated = sum(bool(e.overflowing) for e in encodings.values())
-        if truncated:
-            print(f"warning: {truncated} sentence(s) longer than {self.max_length} tokens were truncated", file=sys.stderr)
         # Similar lengths share a batch, so padding each batch to its longest sentence adds little.
         todo.sort(key=lambda i: len(encodings[i].ids))
         batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
         for batch in progress_bar(batches, enabled=progress):
             logits = self._logits(self._pad([encodings[i] for i in batch])).astype(np.float64)
+            finite = np.isfinite(logits).all(axis=1)
             probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
             probabilities /= probabilities.sum(axis=1, keepdims=True)
-            for i, probs in zip(batch, probabilities.tolist()):
+            for i, probs, ok in zip(batch, probabilities.tolist(), finite):
+                if not ok:  # weights with NaN or infinity in them: no probability would be true
+                    results[i] = {"sentence": sentences[i], "error": NOT_FINITE}
+                    continue
                 results[i] = {
                     "sentence": sentences[i],
                     "label": self.labels[int(np.argmax(probs))],
                     "probabilities": dict(zip(self.labels, probs)),
                 }
-        return results
+        return results, truncated
 
     def _pad(self, encodings: list) -> dict[str, np.ndarray]:
         width = max(len(e.ids) for e in encodings)
@@ -137,48 +153,64 @@ def progress_bar(batches: list, enabled: bool):
     return tqdm(batches, desc="Predicting", unit="batch", file=sys.stderr)
 
 
-def read_sentences(args: argparse.Namespace) -> list[str]:
-    """The sentences to classify: the arguments, or one per line of a UTF-8 file or standard input."""
+def read_sentences(args: argparse.Namespace) -> Iterator[list[str]]:
+    """The sentences to classify, in chunks of at most CHUNK_LINES: the arguments, or one per line of a
+    UTF-8 file or standard input, read as the chunks are consumed."""
     if args.file:
-        source, name = None, args.file
-    elif args.sentences == ["-"]:
-        source, name = sys.stdin.buffer, "<stdin>"
-    else:
-        for number, sentence in enumerate(args.sentences, start=1):
-            try:
-                sentence.encode("utf-8")
-            except UnicodeEncodeError:  # Python keeps undecodable argument bytes as lone surrogates
-                raise InputError(f"argument {number} is not valid UTF-8") from None
-        return args.sentences
-    try:
-        data = source.read() if source else Path(name).read_bytes()
-    except OSError as e:
-        raise InputError(f"{name}: cannot read ({e.strerror})") from None
-    try:
-        text = data.decode("utf-8-sig")  # -sig: without the byte-order mark some Windows editors write
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise InputError(f"{name}:{line}: not valid UTF-8; save the file as UTF-8") from None
-    # Lines end at \n (or \r\n) only: str.splitlines() would also split at characters such as \x0c or
-    # \u2028 inside a sentence, and the output would no longer have one line per input line.
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()  # the file's final newline ends the last line; it does not start another
-    return [line.removesuffix("\r") for line in lines]
+        try:
+            source = open(args.file, "rb")
+        except OSError as e:
+            raise InputError(f"{args.file}: cannot read ({e.strerror})") from None
+        return read_lines(source, args.file)
+    if args.sentences == ["-"]:
+        return read_lines(sys.stdin.buffer, "<stdin>")
+    for number, sentence in enumerate(args.sentences, start=1):
+        try:
+            sentence.encode("utf-8")
+        except UnicodeEncodeError:  # Python keeps undecodable argument bytes as lone surrogates
+            raise InputError(f"argument {number} is not valid UTF-8") from None
+    return iter([args.sentences])
 
 
-def print_results(results: list[dict], as_json: bool) -> None:
-    if as_json:
-        for result in results:
-            print(json.dumps(result, ensure_ascii=False))
-        return
-    width = max((len(r["label"]) for r in results if "label" in r), default=0)
-    for line_no, result in enumerate(results, start=1):
-        if "error" in result:
+def read_lines(source: BinaryIO, name: str) -> Iterator[list[str]]:
+    """source's lines in chunks of CHUNK_LINES; on a bad line, the lines before it, then InputError.
+    Lines end at \n (or \r\n) only, as binary files split them: str.splitlines() would also split at
+    characters such as \x0c or \u2028 inside a sentence, and the output would no longer have one line
+    per input line."""
+    chunk: list[str] = []
+    number, error = 0, None
+    with source:
+        try:
+            for number, raw in enumerate(source, start=1):
+                if number == 1:  # without the byte-order mark some Windows editors write at the start
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")
+                    if not raw:
+                        break  # the file was that mark alone: no line
+                chunk.append(raw.decode("utf-8").removesuffix("\n").removesuffix("\r"))
+                if len(chunk) == CHUNK_LINES:
+                    yield chunk
+                    chunk = []
+        except UnicodeDecodeError:
+            error = InputError(f"{name}:{number}: not valid UTF-8; save the file as UTF-8")
+        except OSError as e:
+            error = InputError(f"{name}: cannot read ({e.strerror})")
+    if chunk:
+        yield chunk
+    if error:
+        raise error
+
+
+def print_results(results: list[dict], as_json: bool, first_line: int = 1, label_width: int = 0) -> None:
+    """One line per result on stdout (JSON, or label, probability, sentence); in text mode an error is a
+    warning on stderr instead. first_line numbers the results in those warnings."""
+    for line_no, result in enumerate(results, start=first_line):
+        if as_json:
+            print(json.dumps(result, ensure_ascii=False, allow_nan=False))
+        elif "error" in result:
             print(f"warning: input {line_no} skipped: {result['error']}", file=sys.stderr)
-            continue
-        probability = result["probabilities"][result["label"]]
-        print(f"{result['label']:<{width}}  {probability:.3f}  {result['sentence']}")
+        else:
+            probability = result["probabilities"][result["label"]]
+            print(f"{result['label']:<{label_width}}  {probability:.3f}  {result['sentence']}")
 
 
 def main() -> None:
@@ -189,19 +221,43 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object per input line")
     parser.add_argument("--batch_size", type=int, default=BATCH_SIZE)
     parser.add_argument("--backend", choices=BACKENDS, default="onnx", help="torch uses the GPU if present")
-    parser.add_argument("--export", metavar="DIR", help="write a Hugging Face model folder to DIR and exit")
+    parser.add_argument("--export", metavar="DIR", help="write a Hugging Face model folder to DIR (new or empty) and exit")
     args = parser.parse_args()
     if not (args.sentences or args.file or args.export):
         parser.error("give sentences, '-' for standard input, --file PATH, or --export DIR")
 
     checkpoint = args.checkpoint or find_best_checkpoint()
     if args.export:
-        export_hf(checkpoint, args.export)
+        try:
+            export_hf(checkpoint, args.export)
+        except OSError as e:  # refused (exists, not a folder) or failed (permissions, disk full)
+            raise InputError(f"--export {args.export}: {e.strerror}") from None
         print(f"Exported to {args.export}: pipeline('text-classification', model='{args.export}')")
         return
-    sentences = read_sentences(args)  # bad input fails before the model loads
+    chunks = read_sentences(args)
+    # Bad input near the start fails before the model loads; a second chunk means a long input.
+    head = list(itertools.islice(chunks, 2))
     predictor = ColaPredictor(checkpoint, backend=args.backend)
-    print_results(predictor.predict(sentences, args.batch_size, progress=True), args.json)
+    label_width = max(len(label) for label in predictor.labels)
+    line, truncated, not_finite, bar = 1, 0, 0, None
+    if len(head) > 1:  # one bar over all sentences, however many chunks; not per chunk
+        from tqdm import tqdm  # only for long inputs: it costs start-up time
+
+        bar = tqdm(desc="Predicting", unit=" sentences", file=sys.stderr)
+    for chunk in itertools.chain(head, chunks):
+        results, chunk_truncated = predictor.predict_counting_truncated(chunk, args.batch_size, progress=bar is None)
+        print_results(results, args.json, line, label_width)
+        sys.stdout.flush()  # output starts at once, even into a pipe
+        line, truncated = line + len(chunk), truncated + chunk_truncated
+        not_finite += sum(r.get("error") == NOT_FINITE for r in results)
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    if truncated:
+        print(f"warning: {truncated} sentence(s) longer than {predictor.max_length} tokens were truncated", file=sys.stderr)
+    if not_finite:
+        raise CheckpointError(f"{checkpoint}: {not_finite} sentence(s) got no prediction: {NOT_FINITE}")
 
 
 if __name__ == "__main__":
@@ -209,3 +265,6 @@ if __name__ == "__main__":
         main()
     except (InputError, CheckpointError) as e:
         sys.exit(f"error: {e}")
+    except BrokenPipeError:  # `... | head`: the reader has all it wants
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        sys.exit(1)

@@ -1,3 +1,4 @@
+import io
 import json
 import os
 import pickle
@@ -5,6 +6,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import onnx
 import pytest
@@ -96,13 +98,13 @@ def test_onnx_export_is_cached_and_matches_pytorch(best_checkpoint, predictor, t
     for a, b in zip(onnx_results, torch_results):
         assert a["label"] == b["label"]
         assert a["probabilities"]["acceptable"] == pytest.approx(b["probabilities"]["acceptable"], abs=1e-4)
-    # A checkpoint newer than its export (the run went on) gets a fresh export.
+    # A copy of the checkpoint with its export (another inode, an older export) still matches its content.
     copy = tmp_path / best_checkpoint.name
-    shutil.copy(onnx_file, copy.with_suffix(".onnx"))
     shutil.copy(best_checkpoint, copy)
+    shutil.copy(onnx_file, copy.with_suffix(".onnx"))
     os.utime(copy.with_suffix(".onnx"), ns=(built_at - 10**9, built_at - 10**9))
     ColaPredictor(copy)
-    assert copy.with_suffix(".onnx").stat().st_mtime > copy.stat().st_mtime
+    assert copy.with_suffix(".onnx").stat().st_mtime_ns == built_at - 10**9  # reused, not rebuilt
 
 
 def test_int8_backend_is_cached_and_serves_the_cli(best_checkpoint, trained, tmp_path):
@@ -117,16 +119,6 @@ def test_int8_backend_is_cached_and_serves_the_cli(best_checkpoint, trained, tmp
     cli = run_inference(trained[0], "--backend", "onnx-int8", "--json", SENTENCES[0])
     # Not int8_results[0]: activations are quantized per call, so the rest of a batch shifts the result a little.
     assert json.loads(cli.stdout) == ColaPredictor(best_checkpoint, backend="onnx-int8").predict(SENTENCES[:1])[0]
-    # A checkpoint newer than its int8 copy gets a fresh one, from the (still fresh) fp32 export.
-    copy = tmp_path / best_checkpoint.name
-    shutil.copy(best_checkpoint, copy)
-    shutil.copy(best_checkpoint.with_suffix(".onnx"), copy.with_suffix(".onnx"))
-    shutil.copy(int8_file, copy.with_suffix(".int8.onnx"))
-    os.utime(copy.with_suffix(".int8.onnx"), ns=(built_at - 10**9, built_at - 10**9))
-    fp32_built_at = copy.with_suffix(".onnx").stat().st_mtime_ns
-    ColaPredictor(copy, backend="onnx-int8")
-    assert copy.with_suffix(".int8.onnx").stat().st_mtime > copy.stat().st_mtime
-    assert copy.with_suffix(".onnx").stat().st_mtime_ns == fp32_built_at
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +286,7 @@ def test_input_files_give_one_sentence_per_line_or_one_input_error(tmp_path, dat
     path = tmp_path / "in.txt"
     path.write_bytes(data)
     try:
-        lines = read_sentences(Namespace(file=str(path), sentences=[]))
+        lines = [line for chunk in read_sentences(Namespace(file=str(path), sentences=[])) for line in chunk]
     except InputError as error:
         assert str(error).startswith(f"{path}:") and "\n" not in str(error)
         return
@@ -363,3 +355,212 @@ def test_fast_path_loads_neither_torch_nor_lightning_nor_training_code(best_chec
     result = subprocess.run([sys.executable, "-c", code, str(best_checkpoint)], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+# Issue 13: the model served is the model trained; every success printed is true; every failure one line.
+import export  # noqa: E402
+import inference  # noqa: E402
+
+
+def probabilities(results):
+    return [r["probabilities"]["acceptable"] for r in results]
+
+
+def test_onnx_cache_follows_the_checkpoint_content(best_checkpoint, input_sensitive_checkpoint, tmp_path, capfd):
+    checkpoint, onnx_file, int8_file = (tmp_path / f"model{suffix}" for suffix in (".ckpt", ".onnx", ".int8.onnx"))
+    shutil.copy(input_sensitive_checkpoint, checkpoint)
+    old_model = probabilities(ColaPredictor(checkpoint).predict(SENTENCES))
+    ColaPredictor(checkpoint, "onnx-int8")
+    capfd.readouterr()
+    # Replaced by another checkpoint (same architecture and size class), the export newer than it by file time.
+    shutil.copy(best_checkpoint, checkpoint)
+    for path in (onnx_file, int8_file):
+        os.utime(path, ns=(checkpoint.stat().st_mtime_ns + 10**9,) * 2)
+    new_model = probabilities(ColaPredictor(checkpoint).predict(SENTENCES))
+    assert new_model == pytest.approx(probabilities(ColaPredictor(checkpoint, "torch").predict(SENTENCES)), abs=1e-5)
+    assert new_model != pytest.approx(old_model, abs=1e-3)
+    stderr = [line for line in capfd.readouterr().err.splitlines() if "torchvision" not in line]
+    assert stderr == [f"Exporting model.ckpt to ONNX again: the cached {onnx_file} does not match model.ckpt's content (other weights)..."]
+    # The int8 copy follows: rebuilt from the new fp32 export, not served from the old model.
+    int8 = probabilities(ColaPredictor(checkpoint, "onnx-int8").predict(SENTENCES))
+    assert f"again: the cached {int8_file} does not match" in capfd.readouterr().err
+    assert int8 == pytest.approx(new_model, abs=0.03)
+    # A truncated export (a full disk, an interrupted copy) is rebuilt too, atomically: no file left beside.
+    onnx_file.write_bytes(onnx_file.read_bytes()[:1000])
+    assert probabilities(ColaPredictor(checkpoint).predict(SENTENCES)) == pytest.approx(new_model, abs=1e-6)
+    assert f"Exporting model.ckpt to ONNX again: the cached {onnx_file} is damaged..." in capfd.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt", "model.int8.onnx", "model.onnx"]
+    assert export.onnx_export(checkpoint) == onnx_file and "Exporting" not in capfd.readouterr().err
+
+
+def test_read_only_run_folder_caches_the_export_in_the_user_cache(best_checkpoint, tmp_path, monkeypatch, capfd):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    checkpoint = shared / "model.ckpt"
+    shutil.copy(best_checkpoint, checkpoint)
+    # Tests run as root, whom no chmod stops: the writability check says what a read-only folder would.
+    monkeypatch.setattr(export, "writable", lambda folder: folder != shared)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    results = ColaPredictor(checkpoint).predict(SENTENCES)
+    cached = tmp_path / "cache" / "mlops-one" / f"{export.file_sha256(checkpoint)}.onnx"
+    assert cached.is_file() and "Exporting model.ckpt to ONNX once" in capfd.readouterr().err
+    built_at = cached.stat().st_mtime_ns
+    assert ColaPredictor(checkpoint).predict(SENTENCES) == results  # once: the next call reuses it
+    assert cached.stat().st_mtime_ns == built_at and "Exporting" not in capfd.readouterr().err
+    ColaPredictor(checkpoint, "onnx-int8")
+    assert sorted(p.name for p in cached.parent.iterdir()) == sorted([cached.name, cached.name.replace(".onnx", ".int8.onnx")])
+    assert list(shared.iterdir()) == [checkpoint] and list((tmp_path / "tmp").iterdir()) == []  # nothing left behind
+    # Nowhere to write: one line saying what to do.
+    monkeypatch.setattr(export, "writable", lambda folder: False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "other-cache"))
+    with pytest.raises(CheckpointError, match="cannot cache the ONNX export: .*other-cache/mlops-one is not writable; set XDG_CACHE_HOME"):
+        ColaPredictor(checkpoint)
+
+
+def damaged(checkpoint: dict, part: str) -> dict:
+    checkpoint = {**checkpoint, "hf_config": dict(checkpoint["hf_config"]), "tokenizer_files": dict(checkpoint["tokenizer_files"])}
+    if part == "config-no-model-type":
+        del checkpoint["hf_config"]["model_type"]
+    elif part == "config-labels":
+        checkpoint["hf_config"]["id2label"] = {"zero": "unacceptable"}
+    elif part == "config-not-the-weights":
+        checkpoint["hf_config"]["hidden_size"] = 48
+    elif part == "config-missing-weights":
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "classifier" not in k}
+    elif part == "tokenizer-json":
+        checkpoint["tokenizer_files"]["tokenizer.json"] = "{not json"
+    elif part == "tokenizer-not-text":
+        checkpoint["tokenizer_files"] = ["tokenizer.json"]
+    return checkpoint
+
+
+@pytest.mark.parametrize("part", ["config-no-model-type", "config-labels", "config-not-the-weights",
+                                  "config-missing-weights", "tokenizer-json", "tokenizer-not-text"])
+def test_damaged_model_config_or_tokenizer_is_one_line(input_sensitive_checkpoint, tmp_path, part):
+    path = tmp_path / "damaged.ckpt"
+    torch.save(damaged(torch.load(input_sensitive_checkpoint, weights_only=True), part), path)
+    for backend in ("onnx", "torch"):
+        with pytest.raises(CheckpointError) as error:
+            ColaPredictor(path, backend)
+        assert "\n" not in str(error.value) and ("model config" in str(error.value) or "tokenizer" in str(error.value))
+    assert list(tmp_path.iterdir()) == [path]  # no half-built export left
+    if part == "tokenizer-json":  # and the command line: one line, no traceback
+        assert one_line_error(run_inference(tmp_path, "--checkpoint", str(path), "Hello.")).startswith(f"error: {path}: its tokenizer")
+
+
+@pytest.mark.parametrize("metrics", ["{not json", '{"best_val_mcc": 0.5}', '["best_model_path"]', '{"best_model_path": "gone.ckpt"}'])
+def test_a_damaged_newest_run_is_named_and_skipped(trained, tmp_path, metrics, capsys):
+    workdir, _ = trained
+    runs = tmp_path / "logs" / "cola"
+    for version in ("version_0", "version_1"):
+        shutil.copytree(workdir / "logs/cola/version_0", runs / version, ignore=shutil.ignore_patterns("*.onnx"))
+    (runs / "version_1/metrics.json").write_text(metrics)
+    best = find_best_checkpoint(runs)
+    assert best.parent == runs / "version_0/checkpoints"
+    assert capsys.readouterr().err.startswith(f"note: using {runs / 'version_0'}: the newer version_1 (its ")
+    with pytest.raises(CheckpointError, match="version_1: this run folder cannot be used: "):
+        ColaPredictor(runs / "version_1")
+    shutil.rmtree(runs / "version_0")  # no usable run left: stop, in one line
+    with pytest.raises(CheckpointError, match="^no usable run under .*: version_1 \\(its .*\\); pass --checkpoint$"):
+        find_best_checkpoint(runs)
+
+
+def test_the_command_line_says_which_run_it_uses(trained, predictor, tmp_path):
+    workdir, _ = trained  # predictor: the export is built, and copied with the runs
+    runs = tmp_path / "logs" / "cola"
+    for version in ("version_0", "version_1"):
+        shutil.copytree(workdir / "logs/cola/version_0", runs / version)
+    (runs / "version_1/metrics.json").write_text("{not json")
+    result = run_inference(tmp_path, "--json", SENTENCES[0])
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "note: using logs/cola/version_0: the newer version_1 (its metrics.json is not valid JSON with a best_model_path)"
+        " cannot be used"]
+    assert json.loads(result.stdout) == predictor.predict(SENTENCES[:1])[0]
+
+
+def test_export_refuses_what_it_would_not_write(best_checkpoint, tmp_path, monkeypatch):
+    (tmp_path / "file.txt").write_text("keep me")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("keep me too")
+    (tmp_path / "empty").mkdir()
+    for target, expected in [("file.txt", "an existing file; give a new or empty folder"),
+                             ("full", "a folder that is not empty; give a new or empty folder"),
+                             ("file.txt/sub", "cannot write in")]:
+        line = one_line_error(run_inference(tmp_path, "--checkpoint", str(best_checkpoint), "--export", target))
+        assert line.startswith(f"error: --export {target}: {expected}")
+    assert (tmp_path / "file.txt").read_text() == "keep me" and os.listdir(tmp_path / "full") == ["notes.txt"]
+    monkeypatch.setattr(export, "writable", lambda folder: False)  # root ignores chmod: what a read-only place says
+    with pytest.raises(PermissionError, match="cannot write in"):
+        export_hf(best_checkpoint, str(tmp_path / "new"))
+    monkeypatch.undo()
+    export_hf(best_checkpoint, str(tmp_path / "empty"))  # an empty folder is fine, and ends up complete
+    assert {"config.json", "tokenizer.json"} <= set(os.listdir(tmp_path / "empty"))
+    assert sorted(os.listdir(tmp_path)) == ["empty", "file.txt", "full"]  # no temporary folder left
+
+
+def test_non_finite_model_output_is_an_error_entry_not_nan(input_sensitive_checkpoint, tmp_path, capsys):
+    checkpoint = torch.load(input_sensitive_checkpoint, weights_only=True)
+    checkpoint["state_dict"]["model.classifier.weight"][0, 0] = float("nan")
+    path = tmp_path / "nan.ckpt"
+    torch.save(checkpoint, path)
+    results = ColaPredictor(path).predict([SENTENCES[0], ""])
+    assert results == [{"sentence": SENTENCES[0], "error": inference.NOT_FINITE}, {"sentence": "", "error": "empty sentence"}]
+    inference.print_results(results, as_json=True)
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == results  # every line parses: no NaN
+    result = run_inference(tmp_path, "--checkpoint", str(path), SENTENCES[0])
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.splitlines() == [f"warning: input 1 skipped: {inference.NOT_FINITE}",
+                                          f"error: {path}: 1 sentence(s) got no prediction: {inference.NOT_FINITE}"]
+
+
+@pytest.mark.parametrize("sentences", [None, {"a": 1}, (s for s in SENTENCES), "one string", 3, {"x"}])
+def test_predict_accepts_a_list_or_tuple_of_strings_only(predictor, sentences):
+    with pytest.raises(InputError, match="^sentences must be a list or tuple of strings, not "):
+        predictor.predict(sentences)
+    assert len(predictor.predict(tuple(SENTENCES))) == 3
+
+
+class StreamThatFails:
+    """Standard input whose second chunk never comes (a reader that blocks or breaks): what was read
+    before must already be out."""
+
+    def __init__(self, lines: list[bytes]) -> None:
+        self.lines = lines
+
+    def __iter__(self):
+        yield from self.lines
+        raise OSError(5, "Input/output error")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_large_inputs_stream_in_chunks(best_checkpoint, monkeypatch, capsys):
+    monkeypatch.setattr(inference, "CHUNK_LINES", 2)
+    lines = [b"The dog sat.\n", b"\n", b"A cat ran.\r\n", b"The boy saw the girl.\n", b"Mat the on."]
+    chunks = inference.read_lines(StreamThatFails(lines), "<stdin>")
+    assert next(chunks) == ["The dog sat.", ""]  # lazy: chunks come as they are read
+    assert next(chunks) == ["A cat ran.", "The boy saw the girl."]
+    assert next(chunks) == ["Mat the on."]
+    with pytest.raises(InputError, match="^<stdin>: cannot read \\(Input/output error\\)$"):
+        next(chunks)
+    # The command line prints each chunk as it comes: three chunks out, then the error, numbered across chunks.
+    monkeypatch.setattr(sys, "stdin", type("Stdin", (), {"buffer": StreamThatFails(lines + [b"\n", b"Him sat.\n"])}))
+    monkeypatch.setattr(sys, "argv", ["inference.py", "--checkpoint", str(best_checkpoint), "-"])
+    with pytest.raises(InputError, match="cannot read"):
+        inference.main()
+    out, err = capsys.readouterr()
+    assert [line.split(maxsplit=2)[2] for line in out.splitlines()] == [
+        "The dog sat.", "A cat ran.", "The boy saw the girl.", "Mat the on.", "Him sat."]
+    assert "input 2 skipped: empty sentence" in err and "input 6 skipped: empty sentence" in err
+    # A UTF-8 error names its line, counted across chunks.
+    bad = inference.read_lines(io.BytesIO(b"a\nb\nc\nd\n\xff\n"), "in.txt")
+    assert next(bad) == ["a", "b"] and next(bad) == ["c", "d"]
+    with pytest.raises(InputError, match="^in.txt:5: not valid UTF-8"):
+        next(bad)
