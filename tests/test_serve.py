@@ -182,6 +182,9 @@ def test_batcher_waits_for_more_sentences_only_until_the_batch_is_full():
     assert calls == [["a", "b"]] and time.monotonic() - started < 30
     _, calls = run_batcher([["a"], ["b"]], max_batch_size=1, max_wait_ms=0)
     assert calls == [["a"], ["b"]]
+    # No wait still gathers the requests that queued up meanwhile.
+    _, calls = run_batcher([["a"], ["b"], ["c"]], max_batch_size=4, max_wait_ms=0)
+    assert calls == [["a", "b", "c"]]
 
 
 def test_batcher_survives_a_failed_model_call():
