@@ -11,6 +11,7 @@ FastAPI's API documentation. Sentences of concurrent requests share model calls 
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import re
@@ -34,6 +35,10 @@ from inference import BACKENDS, ColaPredictor, InputError, find_best_checkpoint,
 PAGE = Path(__file__).resolve().parent / "serve.html"
 # What loading a checkpoint raises for a file or folder that cannot be served: one line, exit 1.
 START_UP_ERRORS = (InputError,)
+# A gathered batch goes to the model in length-sorted slices of 8: 32 random CoLA sentences padded to the
+# longest cost MiniLM-L6 more than the batching saves (measured on 2 cores: 1.35x the one-at-a-time
+# sentences/s in one slice of 32, 1.7-1.8x in slices of 8 or 16).
+MODEL_BATCH_SIZE = 8
 SETTINGS_VARIABLE = "COLA_SERVE_SETTINGS"  # how --workers N hands the settings to its worker processes
 
 
@@ -171,15 +176,15 @@ def create_app(predictor: ColaPredictor, settings: Settings) -> FastAPI:
     """The API and the page, serving predictor; the batcher runs while the app does (its lifespan)."""
     facts = checkpoint_facts(Path(settings.checkpoint))
     batch_size, wait_ms = (settings.max_batch_size, settings.max_wait_ms) if settings.batching else (1, 0)
-    state = {"ready": False}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.batcher = MicroBatcher(predictor.predict, batch_size, wait_ms)
+        predict = functools.partial(predictor.predict, batch_size=MODEL_BATCH_SIZE)
+        app.state.batcher = MicroBatcher(predict, batch_size, wait_ms)
         task = asyncio.create_task(app.state.batcher.run())
-        state["ready"] = True
+        app.state.ready = True
         yield
-        state["ready"] = False
+        app.state.ready = False
         task.cancel()
 
     app = FastAPI(
@@ -217,7 +222,7 @@ def create_app(predictor: ColaPredictor, settings: Settings) -> FastAPI:
     @app.get("/health")
     async def health() -> dict:
         """Whether the model is loaded and answering, which checkpoint it is, its val MCC and base model."""
-        return {"ready": state["ready"], **facts, "backend": settings.backend}
+        return {"ready": getattr(app.state, "ready", False), **facts, "backend": settings.backend}
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

@@ -8,7 +8,9 @@ answers, --clients clients each send one request at a time (--per_request senten
 a kept-alive connection) for --warmup seconds, not counted, then --seconds, counted; then SIGTERM.
 It prints requests/s, sentences/s, p50/p95/p99 latency and errors per row, batched against unbatched,
 and the served sentences/s as a share of ColaPredictor.predict's in this process over the same
-sentences (batches of 64, sorted by length): what the HTTP layer and batching per request cost.
+sentences (batches of 64, sorted by length): what the HTTP layer and batching per request cost. The
+server's CPU ms per sentence (all its threads and workers) tells the same on a machine shared with
+other work, where wall-clock rates depend on what else runs.
 `--url http://127.0.0.1:PORT` loads a server that is already running instead (loopback only).
 """
 
@@ -26,6 +28,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -132,13 +135,22 @@ def start_server(checkpoint: str, options: list[str], log_path: Path) -> tuple[s
     sys.exit(f"error: serve.py {' '.join(options)} did not start:\n{log_path.read_text()[-2000:]}")
 
 
+def server_cpu_seconds(pid: int) -> float:
+    """CPU time (all threads) of the server and its worker processes so far."""
+    processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    return sum(sum(p.cpu_times()[:2]) for p in processes)
+
+
 def in_process_sentences_per_s(checkpoint: str, sentences: list[str]) -> float:
     """ColaPredictor.predict over all the sentences at once: the ceiling the server is measured against."""
     predictor = ColaPredictor(checkpoint)
     predictor.predict(sentences[:64])  # warm-up
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     predictor.predict(sentences)
-    return len(sentences) / (time.perf_counter() - started)
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    print(f"ColaPredictor.predict in one process: {len(sentences) / seconds:.0f} sentences/s,"
+          f" {1000 * cpu_seconds / len(sentences):.2f} CPU ms per sentence")
+    return len(sentences) / seconds
 
 
 def main() -> None:
@@ -152,6 +164,7 @@ def main() -> None:
     parser.add_argument("--per_request", type=int, default=1, help="sentences per request")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before the counted ones")
     parser.add_argument("--seconds", type=float, default=20.0, help="counted seconds of load per row")
+    parser.add_argument("--json", type=Path, help="also write the rows to this file")
     args = parser.parse_args()
     rows = args.rows.split(",")
     if not args.url and (not args.checkpoint or not all(row in ROWS for row in rows)):
@@ -180,18 +193,29 @@ def main() -> None:
             reference = in_process_sentences_per_s(args.checkpoint, sentences)
         except InputError as e:
             sys.exit(f"error: {e}")
-        print(f"ColaPredictor.predict in one process: {reference:.0f} sentences/s")
         with tempfile.TemporaryDirectory() as tmp:
             for row in rows:
                 process, url = start_server(args.checkpoint, ROWS[row] + args.serve_options.split(), Path(tmp) / f"{row}.log")
                 try:
+                    cpu_before = server_cpu_seconds(process.pid)
                     records = asyncio.run(load(url, sentences, args.clients, args.per_request, args.warmup, args.seconds))
+                    cpu_seconds = server_cpu_seconds(process.pid) - cpu_before
                 finally:
                     process.terminate()
                     process.wait(timeout=60)
-                results.append({**summarize(row, records, args.seconds), "load_average": os.getloadavg()[0]})
-                results[-1]["share_of_in_process"] = results[-1]["sentences_per_s"] / reference
+                row_result = summarize(row, records, args.seconds)
+                served = sum(n for _, n, ok in records if ok)
+                results.append({
+                    **row_result,
+                    "share_of_in_process": row_result["sentences_per_s"] / reference,
+                    # CPU time does not depend on what else the machine runs, as wall time does.
+                    "server_cpu_ms_per_sentence": 1000 * cpu_seconds / served if served else float("nan"),
+                    "load_average": os.getloadavg()[0],
+                })
     print_table(results)
+    if args.json:
+        args.json.write_text(json.dumps({"settings": vars(args) | {"sentences": str(args.sentences)}, "rows": results},
+                                        indent=2, default=str) + "\n")
 
 
 def print_table(results: list[dict]) -> None:
@@ -204,7 +228,8 @@ def print_table(results: list[dict]) -> None:
     for batched, unbatched in (("batched", "unbatched"), ("batched_2_workers", "unbatched_2_workers")):
         if batched in by_name and unbatched in by_name:
             ratio = by_name[batched]["sentences_per_s"] / by_name[unbatched]["sentences_per_s"]
-            print(f"{batched} / {unbatched}: {ratio:.2f}x the sentences/s")
+            cpu = by_name[unbatched]["server_cpu_ms_per_sentence"] / by_name[batched]["server_cpu_ms_per_sentence"]
+            print(f"{batched} / {unbatched}: {ratio:.2f}x the sentences/s, {cpu:.2f}x the sentences per CPU second")
     if "batched" in by_name and "batched_2_workers" in by_name:
         ratio = by_name["batched_2_workers"]["requests_per_s"] / by_name["batched"]["requests_per_s"]
         print(f"2 workers / 1 worker, batched: {ratio:.2f}x the requests/s")

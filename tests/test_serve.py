@@ -44,7 +44,8 @@ def test_results_are_colapredictors_exactly(predictor, best_checkpoint):
     with client_for(predictor, best_checkpoint) as client:
         response = client.post("/predict", json={"sentences": sentences})
     assert response.status_code == 200
-    assert response.json() == predictor.predict(sentences)  # floats survive JSON exactly
+    # Exactly: floats survive JSON, and up to MODEL_BATCH_SIZE sentences are one model call either way.
+    assert response.json() == predictor.predict(sentences)
     assert response.json()[-1] == {"sentence": "", "error": "empty sentence"}
 
 
@@ -255,3 +256,19 @@ def test_start_up_errors_are_one_line(tmp_path):
     assert result.returncode == 1 and result.stderr == "error: missing.ckpt: checkpoint not found\n"
     result = serve("--max_batch_size", "0")
     assert result.returncode == 2 and "--max_batch_size must be at least 1" in result.stderr
+
+
+def test_load_benchmark_runs_batched_and_unbatched(best_checkpoint, tiny_data_dir, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "serve_load.py"), "--checkpoint", str(best_checkpoint),
+         "--sentences", str(tiny_data_dir / "dev.tsv"), "--clients", "4", "--seconds", "1", "--warmup", "0.2",
+         "--json", str(tmp_path / "load.json")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "load.json").read_text())["rows"]
+    assert [row["row"] for row in rows] == ["batched", "unbatched"]
+    for row in rows:
+        assert row["errors"] == 0 and row["requests_per_s"] > 0
+        assert row["sentences_per_s"] == row["requests_per_s"] and row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+    assert "batched / unbatched:" in result.stdout and "ColaPredictor.predict in one process:" in result.stdout
