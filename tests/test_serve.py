@@ -1,0 +1,274 @@
+"""serve.py: the API through FastAPI's TestClient, the batcher on its own, and a real server process."""
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from conftest import REPO, make_sentence
+from inference import ColaPredictor
+from serve import MicroBatcher, Settings, create_app
+
+SENTENCES = ["The dog sat on the mat.", "Mat the on sat dog the.", "A big cat ran quickly under the bench."]
+
+
+@pytest.fixture(scope="module")
+def best_checkpoint(trained) -> Path:
+    workdir, _ = trained
+    return workdir / json.loads((workdir / "logs/cola/version_0/metrics.json").read_text())["best_model_path"]
+
+
+@pytest.fixture(scope="module")
+def predictor(best_checkpoint) -> ColaPredictor:
+    return ColaPredictor(best_checkpoint)
+
+
+def client_for(predictor: ColaPredictor, checkpoint: Path, **settings) -> TestClient:
+    return TestClient(create_app(predictor, Settings(checkpoint=str(checkpoint), **settings)))
+
+
+def test_results_are_colapredictors_exactly(predictor, best_checkpoint):
+    sentences = SENTENCES + [""]
+    with client_for(predictor, best_checkpoint) as client:
+        response = client.post("/predict", json={"sentences": sentences})
+    assert response.status_code == 200
+    # Exactly: floats survive JSON, and up to MODEL_BATCH_SIZE sentences are one model call either way.
+    assert response.json() == predictor.predict(sentences)
+    assert response.json()[-1] == {"sentence": "", "error": "empty sentence"}
+
+
+def test_health_names_the_checkpoint_its_mcc_and_model(predictor, best_checkpoint, trained, tiny_model_dir):
+    workdir, _ = trained
+    with client_for(predictor, best_checkpoint) as client:
+        health = client.get("/health").json()
+        assert client.get("/").headers["content-type"].startswith("text/html")
+        assert "<textarea" in client.get("/").text
+        assert client.get("/docs").status_code == 200  # FastAPI's API docs stay on
+    metrics = json.loads((workdir / "logs/cola/version_0/metrics.json").read_text())
+    assert health["ready"] is True and health["checkpoint"] == str(best_checkpoint)
+    assert health["val_mcc"] == pytest.approx(metrics["best_val_mcc"], abs=5e-5)  # the file name's 4 decimals
+    assert health["model"] == str(tiny_model_dir)
+
+
+def test_concurrent_requests_each_get_their_own_answers(predictor, best_checkpoint):
+    """Many requests at once, of different sentences and counts: gathered into shared model calls, each
+    request still gets its own results in its own order."""
+    rng = random.Random(1)
+    requests = [[make_sentence(rng) for _ in range(rng.randint(1, 3))] for _ in range(40)]
+    every_sentence = [s for request in requests for s in request]
+    expected = dict(zip(every_sentence, predictor.predict(every_sentence)))
+    batch_sizes = []
+
+    def recording_predict(sentences):
+        batch_sizes.append(len(sentences))
+        return predictor.predict(sentences)
+
+    app = create_app(predictor, Settings(checkpoint=str(best_checkpoint), max_batch_size=8, max_wait_ms=200))
+    with TestClient(app) as client:
+        app.state.batcher.predict_batch = recording_predict
+        with ThreadPoolExecutor(16) as pool:
+            responses = list(pool.map(lambda req: client.post("/predict", json={"sentences": req}), requests))
+    for request, response in zip(requests, responses):
+        assert response.status_code == 200
+        results = response.json()
+        assert [r["sentence"] for r in results] == request
+        for result in results:  # the same answer as alone, up to padding in a different batch
+            assert result["label"] == expected[result["sentence"]]["label"]
+            assert result["probabilities"]["acceptable"] == pytest.approx(
+                expected[result["sentence"]]["probabilities"]["acceptable"], abs=1e-5
+            )
+    assert sum(batch_sizes) == sum(map(len, requests))
+    assert max(batch_sizes) <= 8 and max(batch_sizes) > 3  # gathered across requests, never over the cap
+
+
+@pytest.mark.parametrize(
+    "request_args, status, message",
+    [
+        (dict(content="{not json", headers={"content-type": "application/json"}), 400, "body is not valid JSON"),
+        (dict(content='{"sentences": ["A dog."]}'), 400, "Content-Type: application/json"),
+        (dict(), 422, "body: Field required"),
+        (dict(json=["A dog."]), 422, "body: Input should be a valid dictionary"),
+        (dict(json={"sentences": "A dog."}), 422, "sentences: Input should be a valid list"),
+        (dict(json={"sentences": ["A dog.", 3]}), 422, "sentences[1]: Input should be a valid string"),
+        (dict(json={"sentences": ["A dog."], "batch": 2}), 422, "batch: Extra inputs are not permitted"),
+        (dict(content='{"sentences": ["\\ud800"]}', headers={"content-type": "application/json"}), 422,
+         "sentences[0]: not valid Unicode text"),
+        (dict(json={"sentences": ["A dog."] * 5}), 413, "5 sentences: at most 4 per request"),
+        (dict(json={"sentences": ["A dog.", "a" * 41]}), 413, "sentences[1] has 41 characters: at most 40"),
+        (dict(json={"sentences": ["A dog. " * 3] * 4}), 413, "request body over 80 bytes"),
+        (dict(content=iter([b'{"sentences": [', b'"A dog.", ' * 9, b'"A dog."]}']),  # chunked: no Content-Length
+              headers={"content-type": "application/json"}), 413, "request body over 80 bytes"),
+    ],
+)
+def test_bad_requests_get_a_status_and_a_clear_message(predictor, best_checkpoint, request_args, status, message):
+    limits = dict(max_sentences=4, max_chars=40, max_body_bytes=80)
+    with client_for(predictor, best_checkpoint, **limits) as client:
+        response = client.post("/predict", **request_args)
+        assert response.status_code == status
+        assert message in response.json()["detail"]
+        # ...and the server goes on answering.
+        assert client.post("/predict", json={"sentences": SENTENCES[:1]}).json() == predictor.predict(SENTENCES[:1])
+
+
+def test_a_bad_request_among_concurrent_good_ones_affects_none(predictor, best_checkpoint):
+    app = create_app(predictor, Settings(checkpoint=str(best_checkpoint), max_wait_ms=100))
+    bodies = [{"sentences": [s]} for s in SENTENCES] + [{"sentences": [1]}, {"sentences": ["\ud800"]}] * 2
+    with TestClient(app) as client, ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda body: client.post("/predict", content=json.dumps(body),
+                                                            headers={"content-type": "application/json"}), bodies))
+    assert [r.status_code for r in responses] == [200] * 3 + [422] * 4
+    assert [r.json()[0] for r in responses[:3]] == [predictor.predict([s])[0] for s in SENTENCES]
+
+
+# The batcher on its own, with a stand-in model that records its calls.
+
+
+def run_batcher(jobs: list[list[str]], max_batch_size: int, max_wait_ms: float, delays=None, fail_first=False):
+    """Submit jobs (delays[i] seconds after the start), return (each job's results, the model calls)."""
+    calls = []
+
+    def predict(sentences):
+        calls.append(list(sentences))
+        if fail_first and len(calls) == 1:
+            raise RuntimeError("model failed")
+        return [s.upper() for s in sentences]
+
+    async def main():
+        batcher = MicroBatcher(predict, max_batch_size, max_wait_ms)
+
+        async def submit(job, delay):
+            await asyncio.sleep(delay)
+            return await batcher.predict(job)
+
+        runner = asyncio.create_task(batcher.run())
+        try:
+            return await asyncio.gather(*(submit(j, d) for j, d in zip(jobs, delays or [0] * len(jobs))),
+                                        return_exceptions=True)
+        finally:
+            runner.cancel()
+
+    return asyncio.run(main()), calls
+
+
+def test_batcher_caps_batches_and_never_splits_a_request():
+    jobs = [[f"s{i}"] for i in range(10)]
+    results, calls = run_batcher(jobs, max_batch_size=4, max_wait_ms=50)
+    assert results == [[f"S{i}"] for i in range(10)]
+    assert [len(c) for c in calls] == [4, 4, 2]
+    # A request that would overfill the batch waits for the next one; one over the cap is a call of its own.
+    results, calls = run_batcher([["a", "b", "c"], ["d", "e"], ["f", "g", "h", "i", "j", "k"]], 4, 50)
+    assert results == [["A", "B", "C"], ["D", "E"], ["F", "G", "H", "I", "J", "K"]]
+    assert calls == [["a", "b", "c"], ["d", "e"], ["f", "g", "h", "i", "j", "k"]]
+
+
+def test_batcher_waits_for_more_sentences_only_until_the_batch_is_full():
+    # Second request 20 ms after the first, within the wait: one call.
+    results, calls = run_batcher([["a"], ["b"]], max_batch_size=4, max_wait_ms=5000, delays=[0, 0.02])
+    assert calls == [["a", "b"]] and results == [["A"], ["B"]]
+    # A full batch goes at once rather than after the 60 s wait; without a wait, each request is its own call.
+    started = time.monotonic()
+    _, calls = run_batcher([["a"], ["b"]], max_batch_size=2, max_wait_ms=60_000)
+    assert calls == [["a", "b"]] and time.monotonic() - started < 30
+    _, calls = run_batcher([["a"], ["b"]], max_batch_size=1, max_wait_ms=0)
+    assert calls == [["a"], ["b"]]
+    # No wait still gathers the requests that queued up meanwhile.
+    _, calls = run_batcher([["a"], ["b"], ["c"]], max_batch_size=4, max_wait_ms=0)
+    assert calls == [["a", "b", "c"]]
+
+
+def test_batcher_survives_a_failed_model_call():
+    results, calls = run_batcher([["a"], ["b"]], max_batch_size=1, max_wait_ms=0, fail_first=True)
+    assert isinstance(results[0], RuntimeError) and results[1] == ["B"]
+
+
+# A real `python serve.py` process.
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(checkpoint: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    """`python serve.py --checkpoint checkpoint ARGS` on a free loopback port, once /health answers."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "serve.py"), "--checkpoint", str(checkpoint), "--port", str(port), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).json()["ready"]:
+                return process, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    process.kill()
+    pytest.fail(f"serve.py did not start:\n{process.communicate()[0][-3000:]}")
+
+
+def test_sigterm_finishes_the_request_in_flight_then_exits(best_checkpoint, predictor):
+    # The batcher holds the request for 5 s (it waits for more sentences): SIGTERM arrives meanwhile.
+    process, url = start_server(best_checkpoint, "--max_wait_ms", "5000")
+    try:
+        responses = []
+        request = threading.Thread(
+            target=lambda: responses.append(httpx.post(f"{url}/predict", json={"sentences": SENTENCES}, timeout=60))
+        )
+        request.start()
+        time.sleep(2)
+        process.send_signal(signal.SIGTERM)
+        request.join(timeout=60)
+        # After its graceful shutdown, uvicorn raises the signal again: the usual exit status of a SIGTERM.
+        assert process.wait(timeout=60) == -signal.SIGTERM
+    finally:
+        process.kill()
+    output = process.communicate()[0]
+    assert responses and responses[0].status_code == 200, output[-3000:]
+    assert responses[0].json() == predictor.predict(SENTENCES)
+    assert "Waiting for connections to close" in output or "Shutting down" in output
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/health", timeout=5)
+
+
+def test_start_up_errors_are_one_line(tmp_path):
+    def serve(*args):
+        return subprocess.run([sys.executable, str(REPO / "serve.py"), *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+    result = serve()
+    assert result.returncode == 1 and result.stderr.startswith("error: no trained run under logs/cola")
+    result = serve("--checkpoint", "missing.ckpt")
+    assert result.returncode == 1 and result.stderr == "error: missing.ckpt: checkpoint not found\n"
+    result = serve("--max_batch_size", "0")
+    assert result.returncode == 2 and "--max_batch_size must be at least 1" in result.stderr
+
+
+def test_load_benchmark_runs_batched_and_unbatched(best_checkpoint, tiny_data_dir, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "serve_load.py"), "--checkpoint", str(best_checkpoint),
+         "--sentences", str(tiny_data_dir / "dev.tsv"), "--clients", "4", "--seconds", "1", "--warmup", "0.2",
+         "--json", str(tmp_path / "load.json")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "load.json").read_text())["rows"]
+    assert [row["row"] for row in rows] == ["batched", "unbatched"]
+    for row in rows:
+        assert row["errors"] == 0 and row["requests_per_s"] > 0
+        assert row["sentences_per_s"] == row["requests_per_s"] and row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+    assert "batched / unbatched:" in result.stdout and "ColaPredictor.predict in one process:" in result.stdout
