@@ -30,11 +30,12 @@ from pydantic import BaseModel, ConfigDict
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from inference import BACKENDS, ColaPredictor, InputError, find_best_checkpoint, resolve_checkpoint
+from checkpoints import CheckpointError, find_best_checkpoint, resolve_checkpoint
+from inference import BACKENDS, ColaPredictor, InputError
 
 PAGE = Path(__file__).resolve().parent / "serve.html"
 # What loading a checkpoint raises for a file or folder that cannot be served: one line, exit 1.
-START_UP_ERRORS = (InputError,)
+START_UP_ERRORS = (InputError, CheckpointError)
 # A gathered batch goes to the model in length-sorted slices of 8: 32 random CoLA sentences padded to the
 # longest cost MiniLM-L6 more than the batching saves (measured on 2 cores: 1.35x the one-at-a-time
 # sentences/s in one slice of 32, 1.7-1.8x in slices of 8 or 16).
