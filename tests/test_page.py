@@ -16,12 +16,15 @@ CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
     "--disable-sync", "--no-first-run",
 ]
-# Where the screenshot goes (default: a temporary folder). docs/serve.png was taken with these steps and
-# browser settings, on a MiniLM-L6 checkpoint.
-SCREENSHOT = os.environ.get("SERVE_SCREENSHOT")
+# docs/serve.png is this test's screenshot on a real model:
+#   SERVE_CHECKPOINT=logs/cola/version_0 SERVE_SCREENSHOT=docs/serve.png python -m pytest tests/test_page.py
+SCREENSHOT = os.environ.get("SERVE_SCREENSHOT")  # default: a temporary folder
+CHECKPOINT = os.environ.get("SERVE_CHECKPOINT")  # default: the tiny test model
 
 
 def test_page_shows_a_label_and_probability_per_sentence(best_checkpoint, tmp_path):  # noqa: F811
+    if CHECKPOINT:
+        best_checkpoint = Path(CHECKPOINT)
     if not CHROMIUM.is_file():
         pytest.fail(f"{CHROMIUM} not found: install Debian's browser with `apt-get install chromium`")
     sentences = ["The dog sat on the mat.", "Mat the on sat dog the."]
