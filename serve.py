@@ -19,7 +19,7 @@ import sys
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NoReturn, Optional
 
 import uvicorn
 import yaml
@@ -238,6 +238,11 @@ def app_from_environment() -> FastAPI:
     return create_app(ColaPredictor(settings.checkpoint, backend=settings.backend), settings)
 
 
+def refuse(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def parse_args() -> tuple[Settings, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, help="a .ckpt file or a run folder (default: best of the latest run)")
@@ -257,9 +262,11 @@ def parse_args() -> tuple[Settings, argparse.Namespace]:
     args = parser.parse_args()
     for name in ("workers", "max_sentences", "max_chars", "max_body_bytes", "max_batch_size"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
-    if args.max_wait_ms < 0:
-        parser.error("--max_wait_ms must be 0 or more")
+            refuse(f"--{name} must be at least 1, not {getattr(args, name)}")
+    if not 0 <= args.max_wait_ms < float("inf"):
+        refuse(f"--max_wait_ms must be 0 or more, not {args.max_wait_ms}")
+    if not 0 <= args.port <= 65535:
+        refuse(f"--port must be 0-65535 (0: any free port), not {args.port}")
     settings = Settings(
         checkpoint="", backend=args.backend, max_sentences=args.max_sentences, max_chars=args.max_chars,
         max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,

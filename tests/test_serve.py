@@ -255,7 +255,9 @@ def test_start_up_errors_are_one_line(tmp_path):
     result = serve("--checkpoint", "missing.ckpt")
     assert result.returncode == 1 and result.stderr == "error: missing.ckpt: checkpoint not found\n"
     result = serve("--max_batch_size", "0")
-    assert result.returncode == 2 and "--max_batch_size must be at least 1" in result.stderr
+    assert result.returncode == 2 and result.stderr == "error: --max_batch_size must be at least 1, not 0\n"
+    result = serve("--port", "99999")  # was a traceback from the socket's bind()
+    assert result.returncode == 2 and result.stderr == "error: --port must be 0-65535 (0: any free port), not 99999\n"
 
 
 def test_load_benchmark_runs_batched_and_unbatched(best_checkpoint, tiny_data_dir, tmp_path):
