@@ -143,14 +143,16 @@ def best_checkpoint_of_run(run_dir: Path) -> Optional[Path]:
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """A .ckpt file as given, or the best checkpoint of a run folder."""
+    """A .ckpt file as given, the best checkpoint of a run folder, or of the latest run in a folder of runs."""
+    if path.is_dir() and run_numbers(path):  # logs/cola, say
+        return find_best_checkpoint(path)
     if path.is_dir():
         try:
             best = best_checkpoint_of_run(path)
         except CheckpointError as e:
             raise CheckpointError(f"{path}: this run folder cannot be used: {e}") from None
         if best is None:
-            raise CheckpointError(f"{path}: no best checkpoint in this run folder")
+            raise CheckpointError(f"{path}: no best checkpoint here: give a .ckpt file, a run folder or a folder of runs")
         return best
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")

@@ -564,3 +564,12 @@ def test_large_inputs_stream_in_chunks(best_checkpoint, monkeypatch, capsys):
     assert next(bad) == ["a", "b"] and next(bad) == ["c", "d"]
     with pytest.raises(InputError, match="^in.txt:5: not valid UTF-8"):
         next(bad)
+
+
+def test_checkpoint_may_be_a_folder_of_runs(trained, best_checkpoint):
+    workdir, _ = trained
+    from checkpoints import resolve_checkpoint
+
+    assert resolve_checkpoint(workdir / "logs/cola") == best_checkpoint  # the latest run's best
+    with pytest.raises(CheckpointError, match="no best checkpoint here: give a .ckpt file, a run folder or a folder of runs"):
+        resolve_checkpoint(workdir / "logs")
