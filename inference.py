@@ -217,7 +217,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sentences", nargs="*", help="sentences to classify; '-' reads them from standard input")
     parser.add_argument("--file", help="a UTF-8 text file, one sentence per line")
-    parser.add_argument("--checkpoint", type=Path, help="a .ckpt file or a run folder (default: best of the latest run)")
+    parser.add_argument("--checkpoint", type=Path, help="a .ckpt file, a run folder or a folder of runs (default: logs/cola)")
     parser.add_argument("--json", action="store_true", help="one JSON object per input line")
     parser.add_argument("--batch_size", type=int, default=BATCH_SIZE)
     parser.add_argument("--backend", choices=BACKENDS, default="onnx", help="torch uses the GPU if present")

@@ -245,7 +245,7 @@ def refuse(message: str) -> NoReturn:
 
 def parse_args() -> tuple[Settings, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, help="a .ckpt file or a run folder (default: best of the latest run)")
+    parser.add_argument("--checkpoint", type=Path, help="a .ckpt file, a run folder or a folder of runs (default: logs/cola)")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept connections from other machines")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--backend", choices=BACKENDS, default="onnx")
