@@ -117,6 +117,8 @@ def free_port() -> int:
 
 
 def start_server(checkpoint: str, options: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
+    """`python serve.py --checkpoint checkpoint OPTIONS` on a free loopback port, its output in log_path,
+    once /health answers (also for the tests); RuntimeError with the log's end if it does not start."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
@@ -132,7 +134,7 @@ def start_server(checkpoint: str, options: list[str], log_path: Path) -> tuple[s
         except httpx.TransportError:
             time.sleep(0.3)
     process.kill()
-    sys.exit(f"error: serve.py {' '.join(options)} did not start:\n{log_path.read_text()[-2000:]}")
+    raise RuntimeError(f"serve.py {' '.join(options)} did not start:\n{log_path.read_text()[-2000:]}")
 
 
 def server_cpu_seconds(pid: int) -> float:
@@ -195,7 +197,10 @@ def main() -> None:
             sys.exit(f"error: {e}")
         with tempfile.TemporaryDirectory() as tmp:
             for row in rows:
-                process, url = start_server(args.checkpoint, ROWS[row] + args.serve_options.split(), Path(tmp) / f"{row}.log")
+                try:
+                    process, url = start_server(args.checkpoint, ROWS[row] + args.serve_options.split(), Path(tmp) / f"{row}.log")
+                except RuntimeError as e:
+                    sys.exit(f"error: {e}")
                 try:
                     cpu_before = server_cpu_seconds(process.pid)
                     records = asyncio.run(load(url, sentences, args.clients, args.per_request, args.warmup, args.seconds))

@@ -5,18 +5,20 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from benchmarks import serve_load
 from conftest import REPO, make_sentence
 from inference import ColaPredictor
 from serve import MicroBatcher, Settings, create_app
@@ -196,34 +198,19 @@ def test_batcher_survives_a_failed_model_call():
 # A real `python serve.py` process.
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(checkpoint: Path, *args: str) -> tuple[subprocess.Popen, str]:
+def start_server(checkpoint: Path, *args: str, log: Optional[Path] = None) -> tuple[subprocess.Popen, str]:
     """`python serve.py --checkpoint checkpoint ARGS` on a free loopback port, once /health answers."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, str(REPO / "serve.py"), "--checkpoint", str(checkpoint), "--port", str(port), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).json()["ready"]:
-                return process, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    process.kill()
-    pytest.fail(f"serve.py did not start:\n{process.communicate()[0][-3000:]}")
+    log = log or Path(tempfile.mkdtemp()) / "serve.log"
+    try:
+        return serve_load.start_server(str(checkpoint), list(args), log)
+    except RuntimeError as e:
+        pytest.fail(str(e))
 
 
-def test_sigterm_finishes_the_request_in_flight_then_exits(best_checkpoint, predictor):
+def test_sigterm_finishes_the_request_in_flight_then_exits(best_checkpoint, predictor, tmp_path):
     # The batcher holds the request for 5 s (it waits for more sentences): SIGTERM arrives meanwhile.
-    process, url = start_server(best_checkpoint, "--max_wait_ms", "5000")
+    log = tmp_path / "serve.log"
+    process, url = start_server(best_checkpoint, "--max_wait_ms", "5000", log=log)
     try:
         responses = []
         request = threading.Thread(
@@ -237,7 +224,7 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(best_checkpoint, pred
         assert process.wait(timeout=60) == -signal.SIGTERM
     finally:
         process.kill()
-    output = process.communicate()[0]
+    output = log.read_text()
     assert responses and responses[0].status_code == 200, output[-3000:]
     assert responses[0].json() == predictor.predict(SENTENCES)
     assert "Waiting for connections to close" in output or "Shutting down" in output
