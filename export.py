@@ -188,7 +188,10 @@ class CachedExport:
             action = f"Exporting {self.checkpoint_path.name} to ONNX"
         print(f"{action} {reason or 'once, for fast start-up from now on'}...", file=sys.stderr)
         write_atomically(path, build)
-        return path, self.load(path)[0]
+        session, reason = self.load(path)
+        if session is None:
+            raise CheckpointError(f"{self.checkpoint_path}: its fresh ONNX export does not load ({reason})")
+        return path, session
 
     def load(self, path: Path) -> tuple[Optional["onnxruntime.InferenceSession"], Optional[str]]:
         """(the session, None) for a good export at path; (None, why it must be built) otherwise."""
@@ -225,6 +228,8 @@ def write_atomically(path: Path, build: Callable[[Path], None]) -> None:
     try:
         build(tmp_path)
         os.replace(tmp_path, path)
+    except OSError as e:  # a full disk, say
+        raise CheckpointError(f"cannot write the ONNX export {path}: {e.strerror or e}") from None
     finally:
         tmp_path.unlink(missing_ok=True)
 

@@ -33,6 +33,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from data import DataError, read_glue_tsv  # noqa: E402
+from checkpoints import CheckpointError  # noqa: E402
 from inference import ColaPredictor, InputError  # noqa: E402
 
 # serve.py options of each row.
@@ -59,7 +60,7 @@ async def one_client(host: str, port: int, bodies, warm_from: float, end: float,
             head = f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
             writer.write(head.encode() + body)
             ok = await asyncio.wait_for(read_response(reader), REQUEST_TIMEOUT_S)
-        except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError):
+        except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError, IndexError):  # IndexError: closed
             ok = False
             if writer:
                 writer.close()
@@ -179,6 +180,8 @@ def main() -> None:
         sentences = [row["sentence"] for row in read_glue_tsv(args.sentences)]
     except DataError as e:
         sys.exit(f"error: {e}")
+    if args.per_request > len(sentences):
+        sys.exit(f"error: --per_request {args.per_request}: {args.sentences} has only {len(sentences)} sentences")
 
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start; {args.clients} clients,"
           f" {args.per_request} sentence(s) per request, {args.seconds:g} s per row after {args.warmup:g} s warm-up")
@@ -193,7 +196,7 @@ def main() -> None:
     else:
         try:
             reference = in_process_sentences_per_s(args.checkpoint, sentences)
-        except InputError as e:
+        except (InputError, CheckpointError) as e:
             sys.exit(f"error: {e}")
         with tempfile.TemporaryDirectory() as tmp:
             for row in rows:

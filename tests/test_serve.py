@@ -261,3 +261,21 @@ def test_load_benchmark_runs_batched_and_unbatched(best_checkpoint, tiny_data_di
         assert row["errors"] == 0 and row["requests_per_s"] > 0
         assert row["sentences_per_s"] == row["requests_per_s"] and row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
     assert "batched / unbatched:" in result.stdout and "ColaPredictor.predict in one process:" in result.stdout
+
+
+def test_a_model_failure_is_a_json_500_and_a_damaged_hparams_yaml_no_crash(predictor, best_checkpoint, tmp_path):
+    run = tmp_path / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    checkpoint = run / "checkpoints" / best_checkpoint.name
+    checkpoint.write_bytes(b"")  # only its name and folder are read here
+    (run / "hparams.yaml").write_text("a: [")  # not YAML: /health names no model rather than fail
+
+    class Failing:
+        def predict(self, sentences, batch_size):
+            raise RuntimeError("out of memory")
+
+    with TestClient(create_app(Failing(), Settings(checkpoint=str(checkpoint))), raise_server_exceptions=False) as client:
+        assert client.get("/health").json()["model"] is None
+        response = client.post("/predict", json={"sentences": ["The dog sat."]})
+    assert response.status_code == 500
+    assert response.json() == {"detail": "the model failed on this batch (RuntimeError)"}
