@@ -1,7 +1,8 @@
 """Lightning callbacks and checkpoint plumbing that train.py adds to its Trainer.
 
-Each class is self-contained (Lightning: "a callback is a self-contained program that can be reused
-across projects"); its docstring says why it exists.
+Each class does one job and says why in its docstring. Most are self-contained (Lightning: "a callback
+is a self-contained program that can be reused across projects"); EarlyStoppingAfterWarmup and
+SanityChecks read the model's warmup_steps, ResumeInRunFolder the run-folder layout of checkpoints.py.
 """
 
 import math
@@ -117,7 +118,7 @@ def resume_command(ckpt_path: str) -> str:
 
 
 class StoppedBySignal(Exception):
-    """Training stopped on Ctrl-C or SIGTERM, with last.ckpt saved; train.py exits with 128 + signum."""
+    """Training stopped on Ctrl-C or SIGTERM (saved: last.ckpt was saved first); train.py exits with 128 + signum."""
 
     def __init__(self, signum: int, saved: bool = False) -> None:
         super().__init__(signal.Signals(signum).name)

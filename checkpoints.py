@@ -1,7 +1,8 @@
 """Run folders and checkpoint files: version numbering, best-checkpoint discovery, safe loading.
 
-Shared by train.py and inference.py. Imports no torch at module level: inference's fast path never
-opens a checkpoint, only the ONNX export cached for it.
+Used by train.py (which also finds here the run folder a resumed or requeued SLURM run continues in),
+inference.py, export.py and serve.py. Imports no torch or Lightning at module level: inference's fast
+path never opens a checkpoint, only the ONNX export cached for it.
 """
 
 import contextlib
@@ -43,11 +44,16 @@ def claim_run_version(root: Path) -> str:
 def run_folder_of(ckpt_path: Path) -> Optional[Path]:
     """The run folder a checkpoint belongs to: RUN for RUN/checkpoints/*.ckpt and for RUN/hpc_ckpt_N.ckpt
     (Lightning's SLURM requeue checkpoint, saved in the Trainer's default_root_dir, which train.py sets to the
-    run folder); None for a checkpoint kept anywhere else."""
+    run folder), where RUN holds the hparams.yaml that TensorBoardLogger writes before the first step; None for
+    a checkpoint kept anywhere else (a copy in ~/backup/checkpoints/ must not make ~/backup a run folder)."""
     ckpt_path = Path(ckpt_path).resolve()
     if ckpt_path.name.startswith("hpc_ckpt_"):
-        return ckpt_path.parent
-    return ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else None
+        run_dir = ckpt_path.parent
+    elif ckpt_path.parent.name == "checkpoints":
+        run_dir = ckpt_path.parent.parent
+    else:
+        return None
+    return run_dir if (run_dir / "hparams.yaml").is_file() else None
 
 
 def resumed_run_folder(ckpt_path: Path) -> Optional[Path]:
@@ -55,7 +61,9 @@ def resumed_run_folder(ckpt_path: Path) -> Optional[Path]:
     resumed run continues there, wherever that is: in another folder's logs/cola/version_0 too, never in
     this folder's version_0."""
     run_dir = run_folder_of(ckpt_path)
-    with contextlib.suppress(ValueError, AttributeError):  # not below here; None
+    if run_dir is None:
+        return None
+    with contextlib.suppress(ValueError):  # not below here
         run_dir = run_dir.relative_to(Path.cwd().resolve())
     return run_dir
 

@@ -69,6 +69,8 @@ def check_trainer_options(config: Namespace) -> None:
         value = config.trainer[option]
         if value is not None and (value == 0 or value < -1):
             raise OptionError(f"--trainer.{option} must be at least 1, or -1 for no limit; not {value}")
+    if config.trainer.enable_checkpointing is False:
+        raise OptionError("--trainer.enable_checkpointing false: train.py saves the best and last checkpoints; use --checkpoint.save_top_k 0 to keep only last.ckpt")
     if config.trainer.limit_val_batches == 0:
         raise OptionError("--trainer.limit_val_batches 0 skips validation, which picks the best checkpoint: use at least 1 batch (or 0.1 of them)")
     minutes = config.save_last_every_minutes
@@ -154,9 +156,10 @@ class ColaCLI(LightningCLI):
     def remove_unstarted_run(self) -> None:
         """Remove the run folder this run claimed, after a failure before its first training step: it holds
         only this run's files (config, an empty TensorBoard log), and an empty run would hide the last real one."""
-        if self.claimed_run_dir is not None:
+        if self.claimed_run_dir is not None and not any(self.claimed_run_dir.rglob("*.ckpt")):
+            # (A checkpoint there: a signal stopped step 0 of an accumulation and saved it, with a resume hint.)
             shutil.rmtree(self.claimed_run_dir, ignore_errors=True)
-            self.claimed_run_dir = None
+        self.claimed_run_dir = None
 
     def instantiate_classes(self) -> None:
         # TF32 matrix products on Ampere+ GPUs (tensor cores, 10-bit mantissa inputs, fp32 accumulation).
@@ -218,6 +221,9 @@ def export_for_inference(best_model_path: str) -> None:
     started = time.monotonic()
     try:
         path = onnx_export(Path(best_model_path))
+    except (KeyboardInterrupt, StoppedBySignal) as e:  # training is over: not "stopped before training"
+        print("\nexport interrupted; the run is done and saved, inference.py exports on first use", file=sys.stderr)
+        raise SystemExit(128 + getattr(e, "signum", signal.SIGINT)) from None
     except Exception as e:  # the run itself succeeded: say so, and let inference.py export on first use
         print(f"warning: ONNX export for inference failed ({type(e).__name__}: {e}); inference.py will retry", file=sys.stderr)
         return
@@ -301,7 +307,7 @@ def run() -> None:
     except SIGTERMException:  # Lightning's own, if SIGTERM came while it had the signal (before training)
         say("\nSIGTERM: stopped before training started, nothing to save")
         sys.exit(128 + signal.SIGTERM)
-    except KeyboardInterrupt:  # Ctrl-C before training started (during it, StopOnSignal and Lightning handle it)
+    except KeyboardInterrupt:  # Ctrl-C before fit (within fit, before training: Lightning's handling, exit 1)
         print("\ninterrupted before training started: nothing to save", file=sys.stderr)
         sys.exit(130)
     finally:

@@ -450,6 +450,7 @@ def test_a_resume_continues_in_the_checkpoints_own_run_folder_never_in_this_fold
         ("--trainer.max_steps", "0", "--trainer.max_steps must be at least 1"),
         ("--save_last_every_minutes", "-1", "--save_last_every_minutes must be 0 or more"),
         ("--trainer.limit_val_batches", "0", "--trainer.limit_val_batches 0 skips validation"),
+        ("--trainer.enable_checkpointing", "false", "--trainer.enable_checkpointing false: train.py saves"),
     ],
 )
 def test_a_bad_option_is_one_line_and_leaves_no_run_folder(tmp_path, tiny_model_dir, tiny_data_dir, option, value, message):
@@ -526,3 +527,13 @@ def test_ctrl_c_while_importing_torch_is_one_line_and_exit_130(monkeypatch, caps
     monkeypatch.undo()
     assert isinstance(exit, SystemExit) and exit.code == 130, repr(exit)
     assert capsys.readouterr().err.strip() == "interrupted while starting: nothing to save"
+
+
+def test_only_a_run_folder_counts_as_one(tmp_path):
+    # A copy in ~/backup/checkpoints/ must not make ~/backup the run folder a resume writes into.
+    backup = tmp_path / "backup" / "checkpoints"
+    backup.mkdir(parents=True)
+    assert checkpoints.run_folder_of(backup / "last.ckpt") is None
+    assert checkpoints.run_folder_of(tmp_path / "backup" / "hpc_ckpt_1.ckpt") is None
+    (tmp_path / "backup" / "hparams.yaml").write_text("{}\n")  # what TensorBoardLogger leaves in a run folder
+    assert checkpoints.run_folder_of(backup / "last.ckpt") == (tmp_path / "backup").resolve()

@@ -157,3 +157,17 @@ def test_training_does_not_import_the_inference_script():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "False"]  # export.py loads only at the end of a run
+
+
+def test_a_signal_during_the_end_of_run_export_says_the_run_is_saved(monkeypatch, capsys):
+    import export
+    import train
+
+    def interrupted(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "onnx_export", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        train.export_for_inference("logs/cola/version_0/checkpoints/best.ckpt")
+    assert stopped.value.code == 130  # not "stopped before training started"
+    assert "export interrupted; the run is done and saved" in capsys.readouterr().err
