@@ -20,6 +20,12 @@ class CheckpointError(Exception):
     """A checkpoint or run folder that cannot be used, reported as one line."""
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to one short line (library errors can run to pages), or its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
 def run_numbers(log_dir: Path) -> list[int]:
     """The N of each version_N run folder under log_dir (TensorBoardLogger's layout), newest first."""
     names = (d.name.removeprefix("version_") for d in log_dir.glob("version_*"))
@@ -175,8 +181,7 @@ def load_checkpoint(path: Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # RuntimeError, UnpicklingError, EOFError...: all mean "not a usable file"
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a loadable checkpoint (truncated, tampered or another format): {reason}")
+        raise CheckpointError(f"{path}: not a loadable checkpoint (truncated, tampered or another format): {first_line(e)}")
     if not isinstance(checkpoint, dict) or not {"hf_config", "tokenizer_files", "state_dict"} <= checkpoint.keys():
         raise CheckpointError(f"{path}: not a checkpoint of this project (no model config or tokenizer inside)")
     damage = model_config_damage(checkpoint["hf_config"]) or tokenizer_damage(checkpoint["tokenizer_files"])

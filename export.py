@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
-from checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint
+from checkpoints import CheckpointError, first_line, load_checkpoint, resolve_checkpoint
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -50,8 +50,7 @@ def load_torch_model(checkpoint: dict):
         model_class = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]  # e.g. BertForSequenceClassification
         model, loading = model_class.from_pretrained(None, config=config, state_dict=weights, output_loading_info=True)
     except Exception as e:  # ValueError, KeyError, RuntimeError (shapes)...: the config does not build this model
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"the checkpoint's model config does not fit its weights: {reason}") from None
+        raise CheckpointError(f"the checkpoint's model config does not fit its weights: {first_line(e)}") from None
     # from_pretrained fills missing weights with random ones and only logs it: that would serve an untrained model.
     missing = loading["missing_keys"] or loading["mismatched_keys"]
     if missing:
@@ -153,7 +152,8 @@ class CachedExport:
     An export carries the checkpoint's sha256 (and its file identity, to skip hashing) in its metadata:
     a cache that does not load, or that was made from other weights, is rebuilt, saying so in one line.
     Beside the checkpoint if that folder is writable (or already holds a good export), else in the user's
-    cache folder under the checkpoint's sha256."""
+    cache folder under the checkpoint's sha256 (so a read-only folder costs one hash, ~0.12 s for 90 MB,
+    per start: the name of its cached export)."""
 
     def __init__(self, checkpoint_path: Path) -> None:
         self.checkpoint_path = checkpoint_path

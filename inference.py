@@ -77,9 +77,12 @@ class ColaPredictor:
         sentences is a list or tuple of strings; anything else (one string, a generator, a dict, None), a
         sentence that is not text and a batch_size that is not a positive integer raise InputError."""
         results, truncated = self.predict_counting_truncated(sentences, batch_size, progress)
-        if truncated:
-            print(f"warning: {truncated} sentence(s) longer than {self.max_length} tokens were truncated", file=sys.stderr)
+        self.warn_truncated(truncated)
         return results
+
+    def warn_truncated(self, count: int) -> None:
+        if count:
+            print(f"warning: {count} sentence(s) longer than {self.max_length} tokens were truncated", file=sys.stderr)
 
     def predict_counting_truncated(self, sentences, batch_size: int, progress: bool) -> tuple[list[dict], int]:
         """predict(), and how many sentences were truncated, unreported: the command line reads its input in
@@ -254,8 +257,7 @@ def main() -> None:
             bar.update(len(chunk))
     if bar is not None:
         bar.close()
-    if truncated:
-        print(f"warning: {truncated} sentence(s) longer than {predictor.max_length} tokens were truncated", file=sys.stderr)
+    predictor.warn_truncated(truncated)
     if not_finite:
         raise CheckpointError(f"{checkpoint}: {not_finite} sentence(s) got no prediction: {NOT_FINITE}")
 
