@@ -30,8 +30,8 @@ from pydantic import BaseModel, ConfigDict
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from checkpoints import CheckpointError, find_best_checkpoint, resolve_checkpoint
-from inference import BACKENDS, ColaPredictor, InputError
+from checkpoints import CheckpointError, find_best_checkpoint
+from inference import BACKENDS, ColaPredictor, InputError, resolve_model
 
 PAGE = Path(__file__).resolve().parent / "serve.html"
 # What loading a checkpoint raises for a file or folder that cannot be served: one line, exit 1.
@@ -158,7 +158,7 @@ class PredictRequest(BaseModel):
 def checkpoint_facts(checkpoint: Path) -> dict:
     """What /health reports, read without loading the checkpoint: its val MCC from its file name
     (train.py's best-epoch=E-val_mcc=M.ckpt) and the model from its run folder's hparams.yaml."""
-    mcc = re.search(r"val_mcc=(-?[0-9.]+?)(?:-v\d+)?\.ckpt$", checkpoint.name)
+    mcc = re.search(r"val_mcc=(-?[0-9.]+?)(?:-v\d+)?\.(?:ckpt|onnx|int8\.onnx)$", checkpoint.name)
     hparams_file = checkpoint.parent.parent / "hparams.yaml"
     try:
         hparams = yaml.safe_load(hparams_file.read_text(encoding="utf-8"))
@@ -180,6 +180,7 @@ def validation_message(error: dict) -> str:
 def create_app(predictor: ColaPredictor, settings: Settings) -> FastAPI:
     """The API and the page, serving predictor; the batcher runs while the app does (its lifespan)."""
     facts = checkpoint_facts(Path(settings.checkpoint))
+    facts["model"] = facts["model"] or getattr(predictor, "base_model", None)  # an export without its run folder
     batch_size, wait_ms = (settings.max_batch_size, settings.max_wait_ms) if settings.batching else (1, 0)
 
     @asynccontextmanager
@@ -253,7 +254,8 @@ def refuse(message: str) -> NoReturn:
 
 def parse_args() -> tuple[Settings, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, help="a .ckpt file, a run folder or a folder of runs (default: logs/cola)")
+    parser.add_argument("--checkpoint", type=Path, help="a .ckpt file, a run folder, a folder of runs (default: logs/cola),"
+                        " or an ONNX export: a .onnx file or a folder holding it (no PyTorch needed)")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept connections from other machines")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--backend", choices=BACKENDS, default="onnx")
@@ -286,7 +288,7 @@ def parse_args() -> tuple[Settings, argparse.Namespace]:
 def main() -> None:
     settings, args = parse_args()
     try:
-        checkpoint = resolve_checkpoint(args.checkpoint or find_best_checkpoint())
+        checkpoint = resolve_model(args.checkpoint or find_best_checkpoint(), settings.backend)
         # Loaded here even with --workers: a bad checkpoint fails in one line, and the ONNX export is
         # built once, before the workers would each build it.
         predictor = ColaPredictor(checkpoint, backend=settings.backend)

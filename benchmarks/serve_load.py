@@ -117,14 +117,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(checkpoint: str, options: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_server(
+    checkpoint: str, options: list[str], log_path: Path, python: str = sys.executable
+) -> tuple[subprocess.Popen, str]:
     """`python serve.py --checkpoint checkpoint OPTIONS` on a free loopback port, its output in log_path,
-    once /health answers (also for the tests); RuntimeError with the log's end if it does not start."""
+    once /health answers (also for the tests); RuntimeError with the log's end if it does not start.
+    python: the interpreter (the tests' lean venv's, say)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, str(REPO / "serve.py"), "--checkpoint", checkpoint, "--port", str(port), *options],
+            [python, str(REPO / "serve.py"), "--checkpoint", checkpoint, "--port", str(port), *options],
             stdout=log, stderr=subprocess.STDOUT,
         )
     deadline = time.monotonic() + 300
