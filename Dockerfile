@@ -6,10 +6,11 @@
 
 FROM debian:bookworm-slim AS venv
 RUN apt-get update && apt-get install -y --no-install-recommends python3-venv && rm -rf /var/lib/apt/lists/*
+COPY requirements-serve.txt /
 RUN --mount=type=bind,target=/context \
     python3 -m venv /venv \
     && if [ -d /context/wheels ]; then source="--no-index --find-links /context/wheels"; fi \
-    && /venv/bin/pip install --no-cache-dir $source -r /context/requirements-serve.txt \
+    && /venv/bin/pip install --no-cache-dir $source -r /requirements-serve.txt \
     && /venv/bin/pip uninstall -q -y pip
 
 FROM debian:bookworm-slim

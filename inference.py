@@ -149,6 +149,8 @@ class ColaPredictor:
 def resolve_model(path: Path, backend: str = "onnx") -> Path:
     """An exported model (a .onnx file; or in a folder of exports, the one for backend: NAME.int8.onnx for
     onnx-int8, the other one otherwise), else the checkpoint resolve_checkpoint finds at path."""
+    if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):  # a mounted folder, say: one line, no traceback
+        raise CheckpointError(f"{path}: this folder is not readable by user id {os.getuid()}; chmod -R a+rX it")
     exports = sorted(path.glob("*.onnx")) if path.is_dir() else [path] if path.suffix == ".onnx" else []
     if not exports:
         return resolve_checkpoint(path)

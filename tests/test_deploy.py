@@ -36,6 +36,7 @@ def bundle(best_checkpoint, tmp_path_factory) -> Path:
     """A folder holding the checkpoint's ONNX export alone (train.py made it), as a user copies it to deploy."""
     folder = tmp_path_factory.mktemp("model")
     shutil.copy(best_checkpoint.with_suffix(".onnx"), folder)
+    folder.chmod(0o755)  # readable by the image's user when mounted (pytest's folders are the owner's alone)
     return folder
 
 
@@ -49,7 +50,8 @@ def wheels(tmp_path_factory) -> Path:
     """requirements-serve.txt's wheels, downloaded here (pip in the image build cannot verify this network's TLS)."""
     folder = tmp_path_factory.mktemp("wheels")
     pip = [sys.executable, "-m", "pip", "download", "-q", "-r", str(REPO / "requirements-serve.txt"), "-d", str(folder)]
-    subprocess.run(pip, check=True, timeout=600)
+    result = subprocess.run(pip, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
     return folder
 
 
@@ -157,8 +159,7 @@ def image(bundle, wheels, tmp_path_factory) -> tuple[str, dict]:
     build = subprocess.run(["podman", "build", "-q", "--format", "docker", "-t", name, str(context)], env=env,
                            capture_output=True, text=True, timeout=900)
     assert build.returncode == 0, build.stderr[-3000:]
-    yield name, env
-    subprocess.run(["podman", "rmi", "-f", name], env=env, capture_output=True, timeout=120)
+    return name, env  # kept: its layers are the next build's cache
 
 
 def run_container(image: tuple[str, dict], *args: str) -> tuple[str, str]:
