@@ -24,13 +24,16 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator, Optional
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from checkpoints import CheckpointError, find_best_checkpoint, first_line, load_checkpoint, resolve_checkpoint
 from export import CachedExport, export_hf, load_classifier, model_facts
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 BATCH_SIZE = 64
 CHUNK_LINES = 10_000  # --file and stdin are read, predicted and printed this many lines at a time: flat memory
@@ -48,6 +51,7 @@ class ColaPredictor:
     backend "onnx" (default) runs the cached ONNX export on CPU with ONNX Runtime; "onnx-int8" its cached
     int8-weight copy (faster on CPU; probabilities ~0.02 off, and shifting a little with the batch a
     sentence is in); "torch" runs the checkpoint in PyTorch, on the GPU when there is one.
+    checkpoint_path may also be an export itself (resolve_model): no PyTorch is imported then.
     """
 
     def __init__(self, checkpoint_path: str | Path, backend: str = "onnx") -> None:
@@ -147,8 +151,8 @@ class ColaPredictor:
 
 
 def resolve_model(path: Path, backend: str = "onnx") -> Path:
-    """An exported model (a .onnx file; or in a folder of exports, the one for backend: NAME.int8.onnx for
-    onnx-int8, the other one otherwise), else the checkpoint resolve_checkpoint finds at path."""
+    """An exported model (a .onnx file, run as it is; or in a folder of exports, the one for backend:
+    NAME.int8.onnx for onnx-int8, the other one otherwise), else the checkpoint resolve_checkpoint finds."""
     if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):  # a mounted folder, say: one line, no traceback
         raise CheckpointError(f"{path}: this folder is not readable by user id {os.getuid()}; chmod -R a+rX it")
     exports = sorted(path.glob("*.onnx")) if path.is_dir() else [path] if path.suffix == ".onnx" else []
@@ -167,7 +171,7 @@ def resolve_model(path: Path, backend: str = "onnx") -> Path:
     return matching[0]
 
 
-def load_export(path: Path):
+def load_export(path: Path) -> "onnxruntime.InferenceSession":
     """path's ONNX Runtime session; CheckpointError in one line for a file that is not an ONNX model."""
     import onnxruntime
 
