@@ -1,6 +1,7 @@
 """serve.py: the API through FastAPI's TestClient, the batcher on its own, and a real server process."""
 
 import asyncio
+import hashlib
 import json
 import os
 import random
@@ -59,9 +60,11 @@ def test_health_names_the_checkpoint_its_mcc_and_model(predictor, best_checkpoin
         assert "<textarea" in client.get("/").text
         assert client.get("/docs").status_code == 200  # FastAPI's API docs stay on
     metrics = json.loads((workdir / "logs/cola/version_0/metrics.json").read_text())
-    assert health["ready"] is True and health["checkpoint"] == str(best_checkpoint)
+    # By run folder and file name, and content: no path of the server's machine.
+    assert health["ready"] is True and health["checkpoint"] == f"cola/version_0/{best_checkpoint.name}"
+    assert health["sha256"] == hashlib.sha256(best_checkpoint.read_bytes()).hexdigest()[:12]
     assert health["val_mcc"] == pytest.approx(metrics["best_val_mcc"], abs=5e-5)  # the file name's 4 decimals
-    assert health["model"] == str(tiny_model_dir)
+    assert health["model"] == f"{tiny_model_dir.parent.name}/{tiny_model_dir.name}"  # a local folder: its last names
 
 
 def test_concurrent_requests_each_get_their_own_answers(predictor, best_checkpoint):
