@@ -256,17 +256,20 @@ def test_start_up_errors_are_one_line(tmp_path):
 def test_load_benchmark_runs_batched_and_unbatched(best_checkpoint, tiny_data_dir, tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "serve_load.py"), "--checkpoint", str(best_checkpoint),
-         "--sentences", str(tiny_data_dir / "dev.tsv"), "--clients", "4", "--seconds", "1", "--warmup", "0.2",
+         "--sentences", str(tiny_data_dir / "dev.tsv"), "--clients", "2,4", "--seconds", "1", "--warmup", "0.2",
          "--json", str(tmp_path / "load.json")],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "load.json").read_text())["rows"]
-    assert [row["row"] for row in rows] == ["batched", "unbatched"]
+    assert [(row["row"], row["clients"]) for row in rows] == [("batched", 2), ("batched", 4), ("unbatched", 2),
+                                                               ("unbatched", 4)]
     for row in rows:
-        assert row["errors"] == 0 and row["requests_per_s"] > 0
+        assert row["errors"] == 0 and row["refused_share"] == 0 and row["requests_per_s"] > 0
         assert row["sentences_per_s"] == row["requests_per_s"] and row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+        assert row["peak_rss_mb"] > 50  # Python, ONNX Runtime and the model at least
     assert "batched / unbatched:" in result.stdout and "ColaPredictor.predict in one process:" in result.stdout
+    assert "batched: p99 of accepted requests at 4 clients / at 2:" in result.stdout
 
 
 def test_a_model_failure_is_a_json_500_and_a_damaged_hparams_yaml_no_crash(predictor, best_checkpoint, tmp_path):
