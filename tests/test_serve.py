@@ -293,16 +293,16 @@ def test_a_model_failure_is_a_json_500_and_a_damaged_hparams_yaml_no_crash(predi
 # Overload and clients that go away, against a real uvicorn server in this process and a stand-in model.
 
 
-class SlowModel:
-    """A stand-in for ColaPredictor whose calls take `seconds` each (the model busy) and are recorded."""
+class HeldModel:
+    """A stand-in for ColaPredictor whose calls are recorded and held (the model busy) until release is set."""
 
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
+    def __init__(self) -> None:
+        self.release = threading.Event()
         self.calls: list[list[str]] = []
 
     def predict(self, sentences: list[str], batch_size: int) -> list[dict]:
         self.calls.append(list(sentences))
-        time.sleep(self.seconds)
+        self.release.wait(timeout=60)
         return [{"sentence": s, "label": "acceptable", "probabilities": {"unacceptable": 0.0, "acceptable": 1.0}}
                 for s in sentences]
 
@@ -333,20 +333,30 @@ def post_in_background(url: str, sentences: list[str]) -> tuple[threading.Thread
     return thread, responses
 
 
+def wait_until(condition, what: str) -> None:
+    """Polls condition() (state of the server in this process) rather than sleeping a guessed time."""
+    deadline = time.monotonic() + 60
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"60 s and still not: {what}")
+        time.sleep(0.02)
+
+
 def predict_requests(metrics_text: str, status: str) -> float:
     prefix = f'cola_requests_total{{endpoint="/predict",status="{status}"}} '
     return sum(float(line[len(prefix):]) for line in metrics_text.splitlines() if line.startswith(prefix))
 
 
 def test_beyond_max_queue_a_request_gets_503_with_retry_after(best_checkpoint):
-    model = SlowModel(seconds=1.5)
+    model = HeldModel()
     app = create_app(model, Settings(checkpoint=str(best_checkpoint), max_wait_ms=0, max_queue=2))
     with served(app) as url:
-        busy, busy_responses = post_in_background(url, ["busy"])  # the model works on it for 1.5 s
-        time.sleep(0.5)
+        busy, busy_responses = post_in_background(url, ["busy"])  # the model works on it until released
+        wait_until(lambda: model.calls, "the model busy")
         queued, queued_responses = post_in_background(url, ["q1", "q2"])  # waits: 2 sentences queued
-        time.sleep(0.5)
+        wait_until(lambda: app.state.batcher.queued == 2, "2 sentences queued")
         refused = httpx.post(f"{url}/predict", json={"sentences": ["one too many"]}, timeout=60)
+        model.release.set()
         busy.join(60)
         queued.join(60)
         # The queue empties, and then a request larger than max_queue, alone, is still answered.
@@ -360,17 +370,19 @@ def test_beyond_max_queue_a_request_gets_503_with_retry_after(best_checkpoint):
 
 
 def test_a_request_whose_client_went_away_costs_no_model_time(best_checkpoint):
-    model = SlowModel(seconds=1.5)
+    model = HeldModel()
     app = create_app(model, Settings(checkpoint=str(best_checkpoint), max_wait_ms=0))
     with served(app) as url:
         busy, busy_responses = post_in_background(url, ["busy"])
-        time.sleep(0.5)
+        wait_until(lambda: model.calls, "the model busy")
         port = int(url.rsplit(":", 1)[1])
         body = json.dumps({"sentences": ["gone"]}).encode()
         with socket.create_connection(("127.0.0.1", port)) as client:  # queued behind "busy", then gone
             client.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-            time.sleep(0.3)
+            wait_until(lambda: app.state.batcher.queued == 1, "the request queued")
+        wait_until(lambda: predict_requests(httpx.get(f"{url}/metrics").text, "499") == 1, "the client seen gone")
+        model.release.set()
         busy.join(60)
         after = httpx.post(f"{url}/predict", json={"sentences": ["after"]}, timeout=60)
         metrics = httpx.get(f"{url}/metrics").text
