@@ -19,7 +19,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3 \
     && useradd --system --no-create-home --shell /usr/sbin/nologin serve
 COPY --from=venv /venv /venv
 WORKDIR /app
-COPY serve.py serve.html inference.py checkpoints.py export.py ./
+COPY serve.py serve.html inference.py checkpoints.py export.py metrics.py ./
 RUN python3 -m compileall -q /app  # the server cannot write its bytecode cache: compiled once here
 # The export, read-only to the server; an empty model/ to mount one at run time instead. (COPY, not a bind
 # mount: podman's layer cache would not see a changed model.)
