@@ -51,6 +51,25 @@ def ends_an_epoch(trainer: Trainer) -> bool:
     return trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
 
 
+class BestAndLastCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that saves last.ckpt after every validation. Lightning 2.6 saves it only where it also
+    saved a best checkpoint: once val_mcc stopped improving, last.ckpt stayed at the best epoch, and a run
+    killed later resumed from there, losing every epoch since. (Lightning saves at the end of the training
+    epoch, after its validation, or at the end of a validation run within an epoch.)"""
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._also_save_last(trainer, self._should_save_on_train_epoch_end(trainer), super().on_train_epoch_end, pl_module)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._also_save_last(trainer, not self._should_save_on_train_epoch_end(trainer), super().on_validation_end, pl_module)
+
+    def _also_save_last(self, trainer: Trainer, saves_here: bool, save: Any, pl_module: LightningModule) -> None:
+        saves_here = saves_here and not self._should_skip_saving_checkpoint(trainer)
+        save(trainer, pl_module)
+        if saves_here and self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 class MidEpochCheckpoint(ModelCheckpoint):
     """Saves last.ckpt during epochs too, every train_time_interval, so that a killed run loses little
     (the first ModelCheckpoint saves the best and last.ckpt after each validation)."""

@@ -23,15 +23,15 @@ try:  # torch and Lightning take seconds to import: a Ctrl-C meanwhile is one li
     import torch
     from jsonargparse import Namespace
     from pytorch_lightning import Trainer
-    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor, Timer
+    from pytorch_lightning.callbacks import LearningRateMonitor, ThroughputMonitor, Timer
     from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
     from pytorch_lightning.plugins.io import TorchCheckpointIO
     from pytorch_lightning.utilities.exceptions import SIGTERMException
     from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
     from callbacks import (
-        AtomicCheckpointIO, EarlyStoppingAfterWarmup, MidEpochCheckpoint, ResumeInRunFolder, SanityChecks, StopOnSignal,
-        StoppedBySignal,
+        AtomicCheckpointIO, BestAndLastCheckpoint, EarlyStoppingAfterWarmup, MidEpochCheckpoint, ResumeInRunFolder,
+        SanityChecks, StopOnSignal, StoppedBySignal,
     )
     from checkpoints import (
         SLURM_JOB_FILE, CheckpointError, check_resumable, claim_run_version, newest_checkpoint, requeued_slurm_run,
@@ -101,7 +101,7 @@ class ColaCLI(LightningCLI):
             "--save_last_every_minutes", type=Optional[float], default=10.0,
             help="Also save last.ckpt during epochs, this often (0: after every step; null: only after validation).",
         )
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val_mcc",  # CoLA's official metric

@@ -537,3 +537,25 @@ def test_only_a_run_folder_counts_as_one(tmp_path):
     assert checkpoints.run_folder_of(tmp_path / "backup" / "hpc_ckpt_1.ckpt") is None
     (tmp_path / "backup" / "hparams.yaml").write_text("{}\n")  # what TensorBoardLogger leaves in a run folder
     assert checkpoints.run_folder_of(backup / "last.ckpt") == (tmp_path / "backup").resolve()
+
+
+def test_last_checkpoint_is_saved_after_every_validation_while_val_mcc_falls(tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch):
+    # val_mcc forced to fall at every validation (the tiny model's own stays at 0): no epoch after the first is
+    # a best one, and a run killed at any epoch's start must still find last.ckpt saved at the end of the one before.
+    scores = iter(torch.linspace(0.9, 0.0, 10))
+    monkeypatch.setattr("model.MatthewsCorrCoef.compute", lambda self: next(scores))
+    seen = []
+
+    def on_train_epoch_start(self):
+        last = Path(self.trainer.checkpoint_callback.dirpath) / "last.ckpt"
+        seen.append((self.global_step, global_step(last) if last.exists() else None))
+
+    monkeypatch.setattr(ColaModel, "on_train_epoch_start", on_train_epoch_start, raising=False)
+    monkeypatch.setattr(train, "export_for_inference", lambda path: None)  # not what this test is about: save its ~10 s
+    args = tiny_train_args(tiny_model_dir, tiny_data_dir) + [
+        "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "2", "--trainer.num_sanity_val_steps", "0"
+    ]
+    result = train_in_process(tmp_path, args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert seen == [(0, None), (2, 2), (4, 4)]
+    assert "Best val_mcc 0.9000" in result.stdout and "best-epoch=0-" in result.stdout
