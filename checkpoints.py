@@ -217,11 +217,35 @@ def tokenizer_damage(files) -> Optional[str]:
     return None
 
 
-def check_resumable(ckpt_path: str) -> None:
+def check_resumable(ckpt_path: str, settings: dict[str, dict]) -> None:
     """Refuse, in one line, a --ckpt_path that is missing, truncated, tampered with or not this project's,
-    before anything slow starts. Read like Lightning will: torch.load(weights_only=True), no pickled code."""
+    before anything slow starts. Read like Lightning will: torch.load(weights_only=True), no pickled code.
+    settings: this command's {"data": ..., "model": ...} options, which must be those the run was trained with."""
     if not Path(ckpt_path).is_file():
         raise CheckpointError(f"{ckpt_path}: checkpoint not found")
     checkpoint = load_checkpoint(Path(ckpt_path))
     if not {"loops", "optimizer_states"} <= checkpoint.keys():
         raise CheckpointError(f"{ckpt_path}: holds model weights only, no training state to resume from")
+    check_same_settings(ckpt_path, checkpoint, settings)
+
+
+# What a resume may change: where the model is read from (its weights are checked against the checkpoint's
+# when they load) and how many processes load batches (the batches stay the same).
+FREE_ON_RESUME = {"model_name_or_path", "num_workers"}
+
+
+def check_same_settings(ckpt_path: str, checkpoint: dict, settings: dict[str, dict]) -> None:
+    """A resume continues the run exactly only with the settings it was trained with: another batch size
+    changes the steps per epoch (the schedule would no longer reach 0), another data folder or max_length
+    other batches, another learning rate is ignored (the optimizer's saved state has the old one)."""
+    for group, key in (("data", "datamodule_hyper_parameters"), ("model", "hyper_parameters")):
+        saved = checkpoint.get(key) or {}
+        for name, value in settings[group].items():
+            if name in FREE_ON_RESUME or name not in saved or saved[name] == value:
+                continue
+            if name == "data_dir" and saved[name] and value and Path(saved[name]).resolve() == Path(value).resolve():
+                continue  # the same folder, spelt another way
+            raise CheckpointError(
+                f"{ckpt_path}: trained with --{group}.{name} {saved[name]}, not {value}: resume with the options"
+                " it was trained with (its run folder's config.yaml has them), or start a new run"
+            )

@@ -122,7 +122,7 @@ class ColaCLI(LightningCLI):
         init_args = logger.get("init_args", {}) if isinstance(logger, Namespace) else {}
         if not all(key in init_args for key in ("save_dir", "name", "version")):  # another logger, or none
             if self.config.ckpt_path:
-                check_resumable(self.config.ckpt_path)
+                check_resumable(self.config.ckpt_path, self.resume_settings())
             return
         root, job = Path(init_args.save_dir) / init_args.name, slurm_job()
         requeued = requeued_slurm_run(root, job) if not self.config.ckpt_path else None
@@ -133,7 +133,7 @@ class ColaCLI(LightningCLI):
             self.config.ckpt_path = checkpoint and str(checkpoint)
         ckpt_path = self.config.ckpt_path
         if ckpt_path:
-            check_resumable(ckpt_path)
+            check_resumable(ckpt_path, self.resume_settings())
             run_dir = resumed_run_folder(Path(ckpt_path))
             if run_dir is not None:
                 init_args.save_dir, init_args.name, init_args.version = str(run_dir.parent.parent), run_dir.parent.name, run_dir.name
@@ -152,6 +152,9 @@ class ColaCLI(LightningCLI):
         if init_args.version is not None and self.config.trainer.default_root_dir is None:
             # Lightning saves SLURM's requeue checkpoint (hpc_ckpt_N.ckpt) here: with its run, not in the working directory.
             self.config.trainer.default_root_dir = os.path.join(init_args.save_dir, init_args.name, init_args.version)
+
+    def resume_settings(self) -> dict[str, dict]:
+        return {group: {k: v for k, v in self.config[group].items() if not k.startswith("_")} for group in ("data", "model")}
 
     def remove_unstarted_run(self) -> None:
         """Remove the run folder this run claimed, after a failure before its first training step: it holds

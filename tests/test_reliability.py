@@ -559,3 +559,25 @@ def test_last_checkpoint_is_saved_after_every_validation_while_val_mcc_falls(tmp
     assert result.returncode == 0, result.stderr[-3000:]
     assert seen == [(0, None), (2, 2), (4, 4)]
     assert "Best val_mcc 0.9000" in result.stdout and "best-epoch=0-" in result.stdout
+
+
+@pytest.mark.parametrize("option, value, saved", [
+    ("--data.batch_size", "4", "8"), ("--data.max_length", "32", "128"), ("--data.data_dir", "other-data", None),
+    ("--model.learning_rate", "0.01", "0.001"),
+])
+def test_resuming_with_other_settings_than_trained_is_one_line_and_rewrites_nothing(
+    trained, tmp_path, tiny_model_dir, tiny_data_dir, option, value, saved
+):
+    run_dir = tmp_path / "logs/cola/version_0"
+    shutil.copytree(trained[0] / "logs/cola/version_0", run_dir)
+    shutil.copytree(tiny_data_dir, tmp_path / "other-data")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    last = run_dir / "checkpoints/last.ckpt"
+    args = tiny_train_args(tiny_model_dir, tiny_data_dir) + ["--trainer.max_epochs", "3", "--ckpt_path", str(last)]
+    line = one_line_error(train_in_process(tmp_path, [*args, option, value]))
+    assert line == (
+        f"error: {last}: trained with {option} {saved or tiny_data_dir}, not {value}: resume with the options it was"
+        " trained with (its run folder's config.yaml has them), or start a new run"
+    )
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before  # config.yaml too
+    assert sorted(p.name for p in (tmp_path / "logs/cola").iterdir()) == ["version_0"]
