@@ -21,7 +21,7 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from checkpoints import run_folder_of
+from checkpoints import CheckpointError, run_folder_of
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -38,10 +38,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
-        with open(partial, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the name points at it, in case the machine goes down
+        try:
+            with open(partial, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the name points at it, in case the machine goes down
+        except OSError as e:  # a full disk, say: keep the previous file, and no half-written one
+            partial.unlink(missing_ok=True)
+            kept = f"the previous {path.name} is kept" if path.exists() else "nothing was saved there"
+            raise CheckpointError(f"{path}: could not save the checkpoint ({e.strerror or e}); {kept}") from None
         os.replace(partial, path)
 
 

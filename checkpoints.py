@@ -36,15 +36,22 @@ def claim_run_version(root: Path) -> str:
     """The next free version_N folder under root, created here. os.mkdir fails for all but one of several
     runs that want the same N, so runs started at the same moment get different folders (the logger would
     list the folders and create one later: both could pick the same)."""
-    root.mkdir(parents=True, exist_ok=True)
-    while True:
-        numbers = run_numbers(root)
-        version = f"version_{numbers[0] + 1 if numbers else 0}"
-        try:
-            (root / version).mkdir()
-            return version
-        except FileExistsError:
-            continue
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        while True:
+            numbers = run_numbers(root)
+            version = f"version_{numbers[0] + 1 if numbers else 0}"
+            try:
+                (root / version).mkdir()
+                return version
+            except FileExistsError:
+                continue
+    except OSError as e:  # read-only, a file where a folder should be, a full disk
+        file = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
+        raise CheckpointError(
+            f"{root}: cannot create a run folder there ({f'{file} is a file' if file else e.strerror}): fix it, or log elsewhere with"
+            " --trainer.logger.init_args.save_dir DIR"
+        ) from None
 
 
 def run_folder_of(ckpt_path: Path) -> Optional[Path]:

@@ -303,6 +303,10 @@ def run() -> None:
         if rank_zero_only.rank == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except OSError as e:  # a full disk or a read-only folder while writing logs: say which file, no traceback
+        if rank_zero_only.rank == 0:
+            print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except StoppedBySignal as e:
         if not e.saved and rank_zero_only.rank == 0:
             print(f"\n{e}: stopped before training started, nothing to save", file=sys.stderr)

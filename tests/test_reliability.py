@@ -2,6 +2,7 @@
 started twice at once; the Hub unreachable; a bad --ckpt_path. On the tiny model, as a user runs it."""
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -581,3 +582,50 @@ def test_resuming_with_other_settings_than_trained_is_one_line_and_rewrites_noth
     )
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before  # config.yaml too
     assert sorted(p.name for p in (tmp_path / "logs/cola").iterdir()) == ["version_0"]
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch):
+    # The disk fills half-way through the third save of last.ckpt (it is saved after every step here), as
+    # a real full disk does (checked by hand on a 1 MB tmpfs: the same line, the same files left).
+    real_save, saves = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        if str(getattr(f, "name", "")).endswith("last.ckpt.partial"):
+            saves.append(obj["global_step"])
+            if len(saves) == 3:
+                f.write(b"half a checkpoint")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    args = tiny_train_args(tiny_model_dir, tiny_data_dir) + ["--trainer.max_epochs", "2", "--save_last_every_minutes", "0"]
+    result = train_in_process(tmp_path, args)
+    checkpoints = tmp_path / "logs/cola/version_0/checkpoints"
+    assert one_line_error(result) == (
+        f"error: {checkpoints.relative_to(tmp_path)}/last.ckpt: could not save the checkpoint (No space left on device);"
+        " the previous last.ckpt is kept"
+    )
+    monkeypatch.undo()
+    assert global_step(checkpoints / "last.ckpt") == saves[1] and saves[1] < saves[2]
+    assert not list(checkpoints.glob("*.partial"))
+
+
+@pytest.mark.parametrize("blocked", ["file", "read-only"])
+def test_a_logs_folder_that_cannot_be_written_is_one_line(tmp_path, tiny_model_dir, tiny_data_dir, blocked):
+    logs = tmp_path / "logs"
+    if blocked == "file":
+        logs.write_text("not a folder")
+    else:
+        logs.mkdir(mode=0o555)
+        if os.geteuid() == 0:  # root writes to any folder whatever its mode, but not to an immutable one
+            subprocess.run(["chattr", "+i", str(logs)], check=True)
+    try:
+        result = train_in_process(tmp_path, tiny_train_args(tiny_model_dir, tiny_data_dir))
+    finally:
+        if blocked == "read-only" and os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(logs)], check=True)
+    reason = "logs is a file" if blocked == "file" else "Operation not permitted" if os.geteuid() == 0 else "Permission denied"
+    assert one_line_error(result) == (
+        f"error: logs/cola: cannot create a run folder there ({reason}): fix it, or log elsewhere with"
+        " --trainer.logger.init_args.save_dir DIR"
+    )
