@@ -304,12 +304,11 @@ def test_hub_errors_name_what_failed(tmp_path, tiny_model_dir):
 
 # Run in a fresh process because the Hub's address is read at import. Imports what model.py and data.py use.
 HUB_PROBE = """
-import sys, time, types
+import sys
 sys.path.insert(0, sys.argv[1])
-import datasets, huggingface_hub.utils._http as http
+import datasets
 from transformers import AutoModelForSequenceClassification
 from hub import HubError, explain_hub_errors
-http.time = types.SimpleNamespace(**{**vars(time), "sleep": lambda seconds: None})  # retry without waiting
 for kind, name, load in [
     ("model", "no-such-org/no-such-model", AutoModelForSequenceClassification.from_pretrained),
     ("dataset", "nyu-mll/glue", lambda name: datasets.load_dataset(name, "cola", split="train")),
@@ -361,8 +360,29 @@ def test_unreachable_hub_and_wrong_ids_are_told_apart():
     for hub, (out, err) in outputs.items():
         lines = out.splitlines()
         assert len(lines) == 2, out + err[-3000:]
+        assert "Retrying" not in err, err  # an unreachable Hub fails at once, not after ten retries
         assert lines[0].startswith(expected[hub][0]) and lines[1].startswith(expected[hub][1]), lines
         assert all("--data.data_dir DIR" in line for line in lines)
+
+
+def test_train_with_the_hub_unreachable_fails_at_once_in_one_line(tmp_path, tiny_data_dir):
+    with socket.socket() as unused:  # a port nothing listens on: connections are refused, as with no network
+        unused.bind(("127.0.0.1", 0))
+        refused_port = unused.getsockname()[1]
+    env = {
+        **os.environ, "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf"),
+        "HF_ENDPOINT": f"http://127.0.0.1:{refused_port}",
+    }
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--data.data_dir", str(tiny_data_dir)],  # the default model: the Hub's
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1 and result.stderr.splitlines() == [
+        "Seed set to 42",
+        "error: model 'google-bert/bert-base-uncased' could not be downloaded: the Hugging Face Hub is unreachable"
+        " (no network?), and it is not cached. To train offline, pass a local model folder (--model.model_name_or_path"
+        " DIR, saved with save_pretrained) and local CoLA files (--data.data_dir DIR with GLUE's train.tsv and dev.tsv).",
+    ], result.stderr[-3000:]
 
 
 def test_sigterm_saves_last_checkpoint_exits_143_and_the_resumed_run_ends_like_an_undisturbed_one(
