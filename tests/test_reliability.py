@@ -649,3 +649,34 @@ def test_a_logs_folder_that_cannot_be_written_is_one_line(tmp_path, tiny_model_d
         f"error: logs/cola: cannot create a run folder there ({reason}): fix it, or log elsewhere with"
         " --trainer.logger.init_args.save_dir DIR"
     )
+
+
+def test_resuming_in_a_run_folder_that_cannot_be_written_is_one_line(trained, tmp_path, tiny_model_dir, tiny_data_dir):
+    run_dir = tmp_path / "logs/cola/version_0"
+    shutil.copytree(trained[0] / "logs/cola/version_0", run_dir)
+    run_dir.chmod(0o555)
+    if os.geteuid() == 0:  # root writes to any folder whatever its mode, but not to an immutable one
+        subprocess.run(["chattr", "+i", str(run_dir)], check=True)
+    last = run_dir / "checkpoints/last.ckpt"
+    args = tiny_train_args(tiny_model_dir, tiny_data_dir) + ["--trainer.max_epochs", "3", "--ckpt_path", str(last)]
+    try:
+        result = train_in_process(tmp_path, args)
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(run_dir)], check=True)
+        run_dir.chmod(0o755)
+    reason = "Operation not permitted" if os.geteuid() == 0 else "Permission denied"
+    assert one_line_error(result) == (
+        f"error: {run_dir.relative_to(tmp_path)}: cannot write there to resume the run ({reason}): make it writable,"
+        " or resume from a copy of the checkpoint kept elsewhere, in a new run folder"
+    )
+
+
+def test_a_resume_may_leave_out_what_the_model_picked_by_default_and_spell_the_data_folder_another_way(tiny_data_dir):
+    saved = {"hyper_parameters": {"learning_rate": 1e-4, "pooling": "cls", "model_name_or_path": "/old/place"},
+             "datamodule_hyper_parameters": {"data_dir": str(tiny_data_dir), "batch_size": 8, "num_workers": None}}
+    same = {"model": {"learning_rate": None, "pooling": "cls", "model_name_or_path": "/new/place"},
+            "data": {"data_dir": f"{tiny_data_dir}/../{tiny_data_dir.name}", "batch_size": 8, "num_workers": 2}}
+    checkpoints.check_same_settings("last.ckpt", saved, same)  # no error
+    with pytest.raises(checkpoints.CheckpointError, match="trained with --model.pooling cls, not mean"):
+        checkpoints.check_same_settings("last.ckpt", saved, {**same, "model": {**same["model"], "pooling": "mean"}})
