@@ -62,6 +62,12 @@ class BestAndLastCheckpoint(ModelCheckpoint):
     killed later resumed from there, losing every epoch since. (Lightning saves at the end of the training
     epoch, after its validation, or at the end of a validation run within an epoch.)"""
 
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's key, under which checkpoints keep the best score (resumes of earlier runs find it there,
+        # and so does checkpoints.best_checkpoint_of_run).
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._also_save_last(trainer, self._should_save_on_train_epoch_end(trainer), super().on_train_epoch_end, pl_module)
 

@@ -311,7 +311,7 @@ def test_input_files_give_one_sentence_per_line_or_one_input_error(tmp_path, dat
     path = tmp_path / "in.txt"
     path.write_bytes(data)
     try:
-        lines = [line for chunk in read_sentences(Namespace(file=str(path), sentences=[])) for line in chunk]
+        lines = [line for chunk in read_sentences(Namespace(file=[str(path)], sentences=[])) for line in chunk]
     except InputError as error:
         assert str(error).startswith(f"{path}:") and "\n" not in str(error)
         return
