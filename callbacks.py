@@ -21,7 +21,7 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from checkpoints import run_folder_of
+from checkpoints import CheckpointError, run_folder_of
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -38,10 +38,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
-        with open(partial, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the name points at it, in case the machine goes down
+        try:
+            with open(partial, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the name points at it, in case the machine goes down
+        except OSError as e:  # a full disk, say: keep the previous file, and no half-written one
+            partial.unlink(missing_ok=True)
+            kept = f"the previous {path.name} is kept" if path.exists() else "nothing was saved there"
+            raise CheckpointError(f"{path}: could not save the checkpoint ({e.strerror or e}); {kept}") from None
         os.replace(partial, path)
 
 
@@ -49,6 +54,31 @@ def ends_an_epoch(trainer: Trainer) -> bool:
     """Whether the training step just done was its epoch's last. A checkpoint saved there, before the epoch's
     validation, resumes past that validation: Lightning 2.6 counts the epoch as finished. So none is saved there."""
     return trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+
+
+class BestAndLastCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that saves last.ckpt after every validation. Lightning 2.6 saves it only where it also
+    saved a best checkpoint: once val_mcc stopped improving, last.ckpt stayed at the best epoch, and a run
+    killed later resumed from there, losing every epoch since. (Lightning saves at the end of the training
+    epoch, after its validation, or at the end of a validation run within an epoch.)"""
+
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's key, under which checkpoints keep the best score (resumes of earlier runs find it there,
+        # and so does checkpoints.best_checkpoint_of_run).
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._also_save_last(trainer, self._should_save_on_train_epoch_end(trainer), super().on_train_epoch_end, pl_module)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._also_save_last(trainer, not self._should_save_on_train_epoch_end(trainer), super().on_validation_end, pl_module)
+
+    def _also_save_last(self, trainer: Trainer, saves_here: bool, save: Any, pl_module: LightningModule) -> None:
+        saves_here = saves_here and not self._should_skip_saving_checkpoint(trainer)
+        save(trainer, pl_module)
+        if saves_here and self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class MidEpochCheckpoint(ModelCheckpoint):

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -36,15 +37,22 @@ def claim_run_version(root: Path) -> str:
     """The next free version_N folder under root, created here. os.mkdir fails for all but one of several
     runs that want the same N, so runs started at the same moment get different folders (the logger would
     list the folders and create one later: both could pick the same)."""
-    root.mkdir(parents=True, exist_ok=True)
-    while True:
-        numbers = run_numbers(root)
-        version = f"version_{numbers[0] + 1 if numbers else 0}"
-        try:
-            (root / version).mkdir()
-            return version
-        except FileExistsError:
-            continue
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        while True:
+            numbers = run_numbers(root)
+            version = f"version_{numbers[0] + 1 if numbers else 0}"
+            try:
+                (root / version).mkdir()
+                return version
+            except FileExistsError:
+                continue
+    except OSError as e:  # read-only, a file where a folder should be, a full disk
+        file = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
+        raise CheckpointError(
+            f"{root}: cannot create a run folder there ({f'{file} is a file' if file else e.strerror}): fix it, or log elsewhere with"
+            " --trainer.logger.init_args.save_dir DIR"
+        ) from None
 
 
 def run_folder_of(ckpt_path: Path) -> Optional[Path]:
@@ -106,6 +114,60 @@ def newest_checkpoint(run_dir: Path) -> Optional[Path]:
     """The newer of a run's last.ckpt and Lightning's SLURM requeue checkpoints, if any."""
     saved = [*run_dir.glob("hpc_ckpt_*.ckpt"), *run_dir.glob("checkpoints/last.ckpt")]
     return max(saved, key=lambda path: path.stat().st_mtime) if saved else None
+
+
+RUN_VERSION_ENV = "COLA_RUN_VERSION"  # rank zero's run folder, for the DDP processes Lightning starts
+
+
+def requeued_checkpoint(root: Path, ckpt_path: Optional[str], version: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    """(the checkpoint to resume from, the run version): as given; for a SLURM job requeued without
+    --ckpt_path, the newest checkpoint of the run folder it trained, or, if it saved none, that folder to
+    start again in."""
+    requeued = None if ckpt_path else requeued_slurm_run(root, slurm_job())
+    if requeued is None:
+        return ckpt_path, version
+    checkpoint = newest_checkpoint(requeued)
+    return (str(checkpoint), version) if checkpoint else (None, requeued.name)
+
+
+def choose_run_folder(root: Path, version: Optional[str], ckpt_path: Optional[str], rank_zero: bool) -> tuple[Optional[Path], bool]:
+    """The run folder a training run writes to, and whether this process created it: a resumed checkpoint's
+    own run folder (see resumed_run_folder); root/version if a version is given; else a new version_N that
+    rank zero claims under root, records its SLURM job in, and passes to the DDP processes Lightning starts
+    (RUN_VERSION_ENV). None: a DDP process started without that variable, which leaves it to the logger."""
+    if ckpt_path:
+        run_dir = resumed_run_folder(Path(ckpt_path))
+        if run_dir is not None:
+            if rank_zero:
+                check_writable(run_dir)
+                print(f"Resuming in the checkpoint's run folder, {run_dir}", file=sys.stderr)
+            return run_dir, False
+    if version is not None:
+        return root / version, False
+    if not rank_zero:  # a DDP process that Lightning started by running train.py again: rank zero's folder
+        version = os.environ.get(RUN_VERSION_ENV)
+        return (root / version if version else None), False
+    run_dir = root / claim_run_version(root)
+    os.environ[RUN_VERSION_ENV] = run_dir.name
+    job = slurm_job()
+    if job:
+        (run_dir / SLURM_JOB_FILE).write_text(job + "\n")
+    if ckpt_path:
+        print(f"{ckpt_path} is not in a run folder's checkpoints/ folder: resuming in a new run folder, {run_dir}", file=sys.stderr)
+    return run_dir, True
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse, in one line, a run folder to resume in that cannot be written (the logger's writer thread
+    would fail with a traceback). Tried by writing, as permission bits do not stop root."""
+    for folder in (run_dir, run_dir / "checkpoints"):
+        try:
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as e:
+            raise CheckpointError(
+                f"{folder}: cannot write there to resume the run ({e.strerror}): make it writable, or resume from"
+                " a copy of the checkpoint kept elsewhere, in a new run folder"
+            ) from None
 
 
 def find_best_checkpoint(log_dir: Path = LOG_DIR) -> Path:
@@ -217,11 +279,37 @@ def tokenizer_damage(files) -> Optional[str]:
     return None
 
 
-def check_resumable(ckpt_path: str) -> None:
+def check_resumable(ckpt_path: str, settings: dict[str, dict]) -> None:
     """Refuse, in one line, a --ckpt_path that is missing, truncated, tampered with or not this project's,
-    before anything slow starts. Read like Lightning will: torch.load(weights_only=True), no pickled code."""
+    before anything slow starts. Read like Lightning will: torch.load(weights_only=True), no pickled code.
+    settings: this command's {"data": ..., "model": ...} options, which must be those the run was trained with."""
     if not Path(ckpt_path).is_file():
         raise CheckpointError(f"{ckpt_path}: checkpoint not found")
     checkpoint = load_checkpoint(Path(ckpt_path))
     if not {"loops", "optimizer_states"} <= checkpoint.keys():
         raise CheckpointError(f"{ckpt_path}: holds model weights only, no training state to resume from")
+    check_same_settings(ckpt_path, checkpoint, settings)
+
+
+# What a resume may change: where the model is read from (its weights are checked against the checkpoint's
+# when they load) and how many processes load batches (the batches stay the same).
+FREE_ON_RESUME = {"model_name_or_path", "num_workers"}
+
+
+def check_same_settings(ckpt_path: str, checkpoint: dict, settings: dict[str, dict]) -> None:
+    """A resume continues the run exactly only with the settings it was trained with: another batch size
+    changes the steps per epoch (the schedule would no longer reach 0), another data folder or max_length
+    other batches, another learning rate is ignored (the optimizer's saved state has the old one)."""
+    for group, key in (("data", "datamodule_hyper_parameters"), ("model", "hyper_parameters")):
+        saved = checkpoint.get(key) or {}
+        for name, value in settings[group].items():
+            if name in FREE_ON_RESUME or name not in saved or saved[name] == value:
+                continue
+            if group == "model" and value is None:
+                continue  # "the default": the model saved the one it picked (--model.learning_rate, by model size)
+            if name == "data_dir" and saved[name] and value and Path(saved[name]).resolve() == Path(value).resolve():
+                continue  # the same folder, spelt another way
+            raise CheckpointError(
+                f"{ckpt_path}: trained with --{group}.{name} {saved[name]}, not {value}: resume with the options"
+                " it was trained with (its run folder's config.yaml has them), or start a new run"
+            )

@@ -8,7 +8,7 @@ import datasets
 import torch
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Sampler
-from transformers import AutoTokenizer, DataCollatorWithPadding
+from transformers import AutoConfig, AutoTokenizer, DataCollatorWithPadding
 
 from hub import explain_hub_errors
 
@@ -231,8 +231,16 @@ class ColaDataModule(pl.LightningDataModule):
         for split in SPLIT_FILES:
             self.splits[split] = self._tokenize(self._load_split(split), split)
 
+    def _model_max_length(self) -> int:
+        """The longest input the model takes: its tokenizer's model_max_length, and its position embeddings
+        (a tokenizer saved without model_max_length allows any length, and a longer input crashes the model)."""
+        with explain_hub_errors("model", self.hparams.model_name_or_path):
+            config = AutoConfig.from_pretrained(self.hparams.model_name_or_path)
+        positions = getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length
+        return min(self.tokenizer.model_max_length, positions)
+
     def _tokenize(self, dataset: datasets.Dataset, split: str) -> datasets.Dataset:
-        max_length = min(self.hparams.max_length, self.tokenizer.model_max_length)  # the model's own limit
+        max_length = min(self.hparams.max_length, self._model_max_length())
 
         def encode(batch: dict) -> dict:
             encoded = self.tokenizer(batch["sentence"], truncation=True, max_length=max_length)

@@ -5,8 +5,12 @@ errors (an OSError or ConnectionError wrapping the Hub client's own); the cause 
 """
 
 import contextlib
+import os
+import socket
+import threading
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlsplit
 
 import datasets
 from huggingface_hub import constants
@@ -34,9 +38,50 @@ def _offline() -> bool:
     return constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE
 
 
+PROBE_SECONDS = 3.0
+_hub_unreachable = None  # None: not probed yet in this process
+
+
+def _probe_hub() -> bool:
+    """Whether the Hub answers a TCP connection within PROBE_SECONDS (name lookup included)."""
+    address = urlsplit(constants.ENDPOINT)
+    port = address.port or (443 if address.scheme == "https" else 80)
+    reached, done = [], threading.Event()
+
+    def connect() -> None:
+        try:
+            socket.create_connection((address.hostname, port), timeout=PROBE_SECONDS).close()
+            reached.append(True)
+        except OSError:
+            pass
+        finally:
+            done.set()
+
+    threading.Thread(target=connect, daemon=True).start()  # a thread: a name lookup ignores socket timeouts
+    done.wait(PROBE_SECONDS)
+    return bool(reached)
+
+
+def _go_offline_if_unreachable(kind: str, name: str) -> None:
+    """With no network, huggingface_hub retries each download five times with backoff (~25 s, ten lines of
+    "Retrying in Ns") before failing. Probe the Hub once instead: if it does not answer, work offline, as
+    HF_HUB_OFFLINE=1 does (cached models and data still load), and say it is unreachable if something is not
+    cached. Behind a proxy the probe is skipped: the Hub is reached through it, not directly."""
+    global _hub_unreachable
+    if _hub_unreachable is not None or _offline() or (kind != "dataset" and Path(name).is_dir()):
+        return
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+        _hub_unreachable = False
+        return
+    _hub_unreachable = not _probe_hub()
+    if _hub_unreachable:
+        constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+
+
 @contextlib.contextmanager
 def explain_hub_errors(kind: str, name: str) -> Iterator[None]:
     """Re-raise a failure to load `kind` ("model", "tokenizer", "dataset") `name` as a one-line HubError."""
+    _go_offline_if_unreachable(kind, name)
     try:
         yield
     except Exception as error:
@@ -49,7 +94,7 @@ def explain_hub_errors(kind: str, name: str) -> Iterator[None]:
             where = "not on" if kind == "dataset" else "neither a local folder nor on"
             reason = f"is {where} the Hugging Face Hub: check the id (private or gated ones need `hf auth login`)"
         elif any(isinstance(e, (LocalEntryNotFoundError, ConnectionError)) for e in causes):
-            if _offline():
+            if _offline() and not _hub_unreachable:
                 reason = "is not in the local cache, and HF_HUB_OFFLINE is set, so it cannot be downloaded"
             else:
                 reason = "could not be downloaded: the Hugging Face Hub is unreachable (no network?), and it is not cached"

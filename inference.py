@@ -202,16 +202,31 @@ def progress_bar(batches: list, enabled: bool):
     return tqdm(batches, desc="Predicting", unit="batch", file=sys.stderr)
 
 
+def check_inputs(args: argparse.Namespace) -> None:
+    """Refuse, in one line, a command line whose input is missing or would be partly ignored."""
+    if args.export:
+        if args.sentences or args.file:
+            raise InputError("--export writes a model folder and classifies nothing: give it without sentences or --file")
+    elif not (args.sentences or args.file):
+        raise InputError("give sentences, '-' for standard input, --file PATH, or --export DIR")
+    elif args.file and len(args.file) > 1:
+        raise InputError("--file given more than once: one file at a time (or `cat a.txt b.txt | python inference.py -`)")
+    elif args.file and args.sentences:
+        raise InputError("sentences given both as arguments and with --file: use one of them (add the sentences to the file)")
+    elif "-" in args.sentences and args.sentences != ["-"]:
+        raise InputError("'-' (read standard input) cannot be mixed with sentences given as arguments: give '-' alone")
+
+
 def read_sentences(args: argparse.Namespace) -> Iterator[list[str]]:
     """The sentences to classify, in chunks of at most CHUNK_LINES: the arguments, or one per line of a
     UTF-8 file or standard input, read as the chunks are consumed."""
-    if args.file:
+    if args.file and args.file != ["-"]:
         try:
-            source = open(args.file, "rb")
+            source = open(args.file[0], "rb")
         except OSError as e:
-            raise InputError(f"{args.file}: cannot read ({e.strerror})") from None
-        return read_lines(source, args.file)
-    if args.sentences == ["-"]:
+            raise InputError(f"{args.file[0]}: cannot read ({e.strerror})") from None
+        return read_lines(source, args.file[0])
+    if args.sentences == ["-"] or args.file == ["-"]:
         return read_lines(sys.stdin.buffer, "<stdin>")
     for number, sentence in enumerate(args.sentences, start=1):
         try:
@@ -265,16 +280,17 @@ def print_results(results: list[dict], as_json: bool, first_line: int = 1, label
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sentences", nargs="*", help="sentences to classify; '-' reads them from standard input")
-    parser.add_argument("--file", help="a UTF-8 text file, one sentence per line")
+    parser.add_argument("--file", action="append", help="a UTF-8 text file, one sentence per line ('-': standard input)")
     parser.add_argument("--checkpoint", type=Path, help="a .ckpt file, a run folder, a folder of runs (default: logs/cola),"
                         " or an export: a .onnx file or a folder holding it")
     parser.add_argument("--json", action="store_true", help="one JSON object per input line")
     parser.add_argument("--batch_size", type=int, default=BATCH_SIZE)
     parser.add_argument("--backend", choices=BACKENDS, default="onnx", help="torch uses the GPU if present")
     parser.add_argument("--export", metavar="DIR", help="write a Hugging Face model folder to DIR (new or empty) and exit")
+    # argparse prints its usage before the error: one line instead, as every other problem.
+    parser.error = lambda message: sys.exit(f"error: {message} (python inference.py --help lists the options)")
     args = parser.parse_args()
-    if not (args.sentences or args.file or args.export):
-        parser.error("give sentences, '-' for standard input, --file PATH, or --export DIR")
+    check_inputs(args)
 
     checkpoint = args.checkpoint or find_best_checkpoint()
     if args.export:

