@@ -119,8 +119,8 @@ def sweep_of(run_dir: Path) -> Optional[dict]:
 
 def best_trial_checkpoint(log_dir: Path, study: str) -> Optional[Path]:
     """The best checkpoint of the study's best finished trial under log_dir (by metrics.json, whose best_val_mcc
-    is the trial's value in Optuna), or None if none has finished; pruned trials never count."""
-    best, best_mcc = None, float("-inf")
+    is the trial's value in Optuna; of equals the first trial), or None if none has finished; pruned trials never count."""
+    best, best_key = None, (float("-inf"), 0)
     for number in run_numbers(log_dir):
         run_dir = log_dir / f"version_{number}"
         sweep = sweep_of(run_dir)
@@ -128,9 +128,9 @@ def best_trial_checkpoint(log_dir: Path, study: str) -> Optional[Path]:
             continue
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError, CheckpointError):
             mcc = float(json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))["best_val_mcc"])
-            checkpoint = best_checkpoint_of_run(run_dir)
-            if checkpoint is not None and mcc > best_mcc:
-                best, best_mcc = checkpoint, mcc
+            checkpoint, key = best_checkpoint_of_run(run_dir), (mcc, -int(sweep["trial"]))
+            if checkpoint is not None and key > best_key:
+                best, best_key = checkpoint, key
     return best
 
 

@@ -4,6 +4,7 @@
     python inference.py --file sentences.txt --json > predictions.jsonl
     cat sentences.txt | python inference.py -
     python inference.py --export exported/       # a folder transformers.pipeline() loads
+    python inference.py --glue_test glue_data/CoLA/test.tsv > CoLA.tsv   # for the GLUE leaderboard
 
 Without --checkpoint it uses the best checkpoint of the most recent run under logs/cola.
 
@@ -203,6 +204,27 @@ def read_lines(source: BinaryIO, name: str) -> Iterator[list[str]]:
         raise error
 
 
+def glue_test_predictions(predictor: ColaPredictor, path: str) -> Iterator[str]:
+    """The GLUE leaderboard's CoLA.tsv (index<TAB>prediction, 1 for acceptable) for GLUE's CoLA test.tsv
+    (index<TAB>sentence), lines with a header first."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").removeprefix("\ufeff").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read as UTF-8 text ({getattr(e, 'strerror', None) or e.reason})") from None
+    if not lines or lines[0].split("\t") != ["index", "sentence"]:
+        raise InputError(f"{path}:1: expected GLUE's CoLA test.tsv header 'index<TAB>sentence'")
+    rows = [line.split("\t", 1) for line in lines[1:]]
+    for number, row in enumerate(rows, start=2):
+        if len(row) != 2 or not row[0].isdigit() or not row[1].strip():
+            raise InputError(f"{path}:{number}: expected an index, a tab and a sentence")
+    results = predictor.predict([sentence for _, sentence in rows])
+    if any("error" in result for result in results):
+        raise CheckpointError(f"{path}: some sentences got no prediction: {NOT_FINITE}")
+    yield "index\tprediction"
+    for (index, _), result in zip(rows, results):
+        yield f"{index}\t{predictor.labels.index(result['label'])}"
+
+
 def print_results(results: list[dict], as_json: bool, first_line: int = 1, label_width: int = 0) -> None:
     """One line per result on stdout (JSON, or label, probability, sentence); in text mode an error is a
     warning on stderr instead. first_line numbers the results in those warnings."""
@@ -225,9 +247,10 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=BATCH_SIZE)
     parser.add_argument("--backend", choices=BACKENDS, default="onnx", help="torch uses the GPU if present")
     parser.add_argument("--export", metavar="DIR", help="write a Hugging Face model folder to DIR (new or empty) and exit")
+    parser.add_argument("--glue_test", metavar="TSV", help="print GLUE's CoLA.tsv (leaderboard predictions) for GLUE's CoLA test.tsv")
     args = parser.parse_args()
-    if not (args.sentences or args.file or args.export):
-        parser.error("give sentences, '-' for standard input, --file PATH, or --export DIR")
+    if not (args.sentences or args.file or args.export or args.glue_test):
+        parser.error("give sentences, '-' for standard input, --file PATH, --glue_test TSV or --export DIR")
 
     checkpoint = args.checkpoint or find_best_checkpoint()
     if args.export:
@@ -236,6 +259,9 @@ def main() -> None:
         except OSError as e:  # refused (exists, not a folder) or failed (permissions, disk full)
             raise InputError(f"--export {args.export}: {e.strerror}") from None
         print(f"Exported to {args.export}: pipeline('text-classification', model='{args.export}')")
+        return
+    if args.glue_test:
+        print("\n".join(glue_test_predictions(ColaPredictor(checkpoint, backend=args.backend), args.glue_test)))
         return
     chunks = read_sentences(args)
     # Bad input near the start fails before the model loads; a second chunk means a long input.

@@ -16,6 +16,7 @@ import shlex
 import shutil
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,6 +35,10 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from pytorch_lightning import Callback, LightningModule, Trainer
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# Lightning warns when LightningCLI gets args= while sys.argv has some: here sys.argv is tune.py's, on purpose.
+warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+# Heartbeats (a dead worker's trial retried) are marked experimental since Optuna 2.9; they are what tune.py needs.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 # Successive halving (ASHA): after epoch 1 a trial goes on only if its val MCC is in the top third of the trials
 # that got there, after epoch 3 again. Restarts cost ~2 epochs each instead of all of them (benchmarks/README.md).
 PRUNER = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
@@ -89,7 +94,7 @@ class Sweep:
             shutil.rmtree(run_dir, ignore_errors=True)
         report = ReportToTrial(trial, self.options.study)
         try:
-            train.main([*args, "--ckpt_path", str(checkpoint)] if checkpoint else args, callbacks=[report])
+            train.main([*args, "--ckpt_path", str(checkpoint)] if checkpoint else args, callbacks=[report], export=False)
         except (StoppedBySignal, KeyboardInterrupt):
             # Retried by whoever runs the study next, from the run's last.ckpt (Optuna's own retry, as for a dead worker).
             RetryFailedTrialCallback(inherit_intermediate_values=True)(trial.study, frozen(trial))
@@ -212,14 +217,17 @@ def open_storage(url: str, heartbeat_seconds: int) -> RDBStorage:
     url = url.replace("postgresql://", "postgresql+psycopg://", 1) if url.startswith("postgresql://") else url
     # SQLite: wait for another worker's write instead of failing with "database is locked".
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    try:
-        return RDBStorage(
-            url, engine_kwargs=engine, heartbeat_interval=heartbeat_seconds, grace_period=2 * heartbeat_seconds,
-            heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=3, inherit_intermediate_values=True),
-        )
-    except Exception as e:  # no server, wrong password, no driver, not a URL...: all one line
-        shown = make_url(url).render_as_string(hide_password=True) if "://" in url else url
-        raise SweepError(f"--storage {shown}: cannot open the study there: {first_line(e)}") from None
+    for attempt in range(3):
+        try:
+            return RDBStorage(
+                url, engine_kwargs=engine, heartbeat_interval=heartbeat_seconds, grace_period=2 * heartbeat_seconds,
+                heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=3, inherit_intermediate_values=True),
+            )
+        except Exception as e:  # no server, wrong password, no driver, not a URL...: all one line
+            if "already exists" in str(e) and attempt < 2:  # workers started together both created the tables
+                continue
+            shown = make_url(url).render_as_string(hide_password=True) if "://" in url else url
+            raise SweepError(f"--storage {shown}: cannot open the study there: {first_line(e)}") from None
 
 
 def trial_line(trial: FrozenTrial) -> str:
@@ -227,6 +235,16 @@ def trial_line(trial: FrozenTrial) -> str:
     best = f"val MCC {max(values.values()):.4f}" if values else "no validation"
     state = {TrialState.PRUNED: "pruned", TrialState.COMPLETE: "complete"}.get(trial.state, trial.state.name.lower())
     return f"trial {trial.number} (seed {trial.user_attrs.get('seed')}): {state}, {best} after {len(values)} epoch(s)"
+
+
+def best_trial(trials: list[FrozenTrial]) -> Optional[FrozenTrial]:
+    """The complete trial with the highest val MCC, of equals the first (as checkpoints.py picks it)."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+
+
+def format_cell(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def print_table(study: optuna.Study) -> None:
@@ -239,17 +257,19 @@ def print_table(study: optuna.Study) -> None:
         took = t.datetime_complete - t.datetime_start if t.datetime_complete and t.datetime_start else None
         state = "stopped, retried" if t.state == TrialState.FAIL and t.user_attrs.get("run_dir") else t.state.name.lower()
         run_dir = Path(t.user_attrs.get("run_dir", "-"))
-        cells = [t.number, t.user_attrs.get("seed", "-"), *(t.params.get(n, "-") for n in names)]
+        cells = [t.number, t.user_attrs.get("seed", "-"), *(format_cell(t.params.get(n, "-")) for n in names)]
         cells += [f"{max(values.values()):.4f}" if values else "-", len(values), state]
         cells += [f"{took.total_seconds() / 60:.1f}" if took else "-", f"{run_dir.parent.name}/{run_dir.name}"]
         print("| " + " | ".join(str(c) for c in cells) + " |")
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    if not complete:
+    best = best_trial(trials)
+    if best is None:
         return
-    best = study.best_trial
     checkpoint = Path(best.user_attrs["checkpoint"])
+    if checkpoint.is_file():  # on this machine: export it now, so that inference.py and serve.py start fast
+        train.export_for_inference(str(checkpoint))
     pruned = sum(t.state == TrialState.PRUNED for t in trials)
-    print(f"\n{len(complete) + pruned} trials, {pruned} pruned. Best: trial {best.number}, val MCC {best.value:.4f}: {checkpoint}")
+    finished = sum(t.state in FINISHED for t in trials)
+    print(f"\n{finished} trials, {pruned} pruned. Best: trial {best.number}, val MCC {best.value:.4f}: {checkpoint}")
     print("inference.py and serve.py pick it without --checkpoint. Next: python serve.py, or")
     print(f'  python inference.py --checkpoint {shlex.quote(str(checkpoint))} "The boy is sitting on a bench."')
 
@@ -284,9 +304,16 @@ def main() -> None:
         raise SweepError(f"study {options.study!r} in {options.storage} ran other options: give the same ones, or a new --study")
     if not sweep.done(study):
         # Ctrl-C and SIGTERM before and between trials also stop in one line (during training train.py's own handling).
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, train.stop_before_training)
-        study.optimize(sweep.objective, catch=(NotNeeded, NonFiniteLossError), callbacks=[sweep.stop_when_done])
+        previous = {signum: signal.signal(signum, train.stop_before_training) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            study.optimize(sweep.objective, catch=(NotNeeded, NonFiniteLossError), callbacks=[sweep.stop_when_done])
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+    running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    if running:
+        print(f"note: trial(s) {', '.join(map(str, running))} still running (another worker, or one killed less than"
+              f" {2 * options.heartbeat_seconds} s ago: then run this command again)", file=sys.stderr)
     print_table(study)
 
 
