@@ -16,6 +16,7 @@ import shlex
 import shutil
 import signal
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -101,6 +102,10 @@ class Sweep:
             raise
         except SystemExit as e:  # train.py's parser has said what was wrong
             raise Exit(e.code) from None
+        except NonFiniteLossError as e:  # these settings diverge: counted, never picked, as a pruned trial
+            mark(report.run_dir, self.options.study, trial.number, "pruned")
+            trial.set_user_attr("diverged", True)
+            raise optuna.TrialPruned(str(e)) from None
         mark(report.run_dir, self.options.study, trial.number, "complete")
         return finished(trial, report.run_dir)
 
@@ -159,7 +164,9 @@ def format_value(value: Any) -> str:
 def retried_run(trial: Trial, study: str) -> Optional[Path]:
     """For a trial retried after its worker was stopped or killed: that worker's run folder, if it is here
     (on another machine, a folder of that name holds another run)."""
-    run_dir = Path(trial.user_attrs.get("run_dir", "/nonexistent"))
+    if "run_dir" not in trial.user_attrs:
+        return None
+    run_dir = Path(trial.user_attrs["run_dir"])
     try:
         info = json.loads((run_dir / SWEEP_FILE).read_text())
     except (OSError, ValueError):
@@ -210,6 +217,7 @@ def open_storage(url: str, heartbeat_seconds: int) -> RDBStorage:
     """Optuna's RDB storage with heartbeats: a trial whose worker died (no heartbeat for 2 intervals) is failed
     and retried, at most 3 times (a trial that kills its worker, out of memory say, is not retried forever)."""
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import IntegrityError
 
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -224,7 +232,8 @@ def open_storage(url: str, heartbeat_seconds: int) -> RDBStorage:
                 heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=3, inherit_intermediate_values=True),
             )
         except Exception as e:  # no server, wrong password, no driver, not a URL...: all one line
-            if "already exists" in str(e) and attempt < 2:  # workers started together both created the tables
+            if (isinstance(e, IntegrityError) or "already exists" in str(e)) and attempt < 2:
+                time.sleep(1)  # workers started together on a new database: another one is creating the tables
                 continue
             shown = make_url(url).render_as_string(hide_password=True) if "://" in url else url
             raise SweepError(f"--storage {shown}: cannot open the study there: {first_line(e)}") from None
@@ -233,7 +242,7 @@ def open_storage(url: str, heartbeat_seconds: int) -> RDBStorage:
 def trial_line(trial: FrozenTrial) -> str:
     values = trial.intermediate_values
     best = f"val MCC {max(values.values()):.4f}" if values else "no validation"
-    state = {TrialState.PRUNED: "pruned", TrialState.COMPLETE: "complete"}.get(trial.state, trial.state.name.lower())
+    state = "diverged (loss not finite)" if trial.user_attrs.get("diverged") else trial.state.name.lower()
     return f"trial {trial.number} (seed {trial.user_attrs.get('seed')}): {state}, {best} after {len(values)} epoch(s)"
 
 
@@ -256,6 +265,7 @@ def print_table(study: optuna.Study) -> None:
         values = t.intermediate_values
         took = t.datetime_complete - t.datetime_start if t.datetime_complete and t.datetime_start else None
         state = "stopped, retried" if t.state == TrialState.FAIL and t.user_attrs.get("run_dir") else t.state.name.lower()
+        state = "diverged" if t.user_attrs.get("diverged") else state
         run_dir = Path(t.user_attrs.get("run_dir", "-"))
         cells = [t.number, t.user_attrs.get("seed", "-"), *(format_cell(t.params.get(n, "-")) for n in names)]
         cells += [f"{max(values.values()):.4f}" if values else "-", len(values), state]
@@ -306,7 +316,7 @@ def main() -> None:
         # Ctrl-C and SIGTERM before and between trials also stop in one line (during training train.py's own handling).
         previous = {signum: signal.signal(signum, train.stop_before_training) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
-            study.optimize(sweep.objective, catch=(NotNeeded, NonFiniteLossError), callbacks=[sweep.stop_when_done])
+            study.optimize(sweep.objective, catch=(NotNeeded,), callbacks=[sweep.stop_when_done])
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
