@@ -222,3 +222,27 @@ def test_a_search_space_varies_the_options_it_names(tmp_path):
         (tmp_path / "bad.yaml").write_text(bad)
         with pytest.raises(tune.SweepError, match="bad.yaml"):
             tune.read_space(str(tmp_path / "bad.yaml"))
+
+
+def test_after_a_sweep_its_best_trial_is_picked_and_a_later_plain_run_wins(tmp_path):
+    """checkpoints.find_best_checkpoint on run folders as train.py and tune.py leave them (no training needed)."""
+    log_dir = tmp_path / "logs" / "cola"
+
+    def run(number: int, mcc: float, sweep: dict | None = None) -> Path:
+        checkpoint = log_dir / f"version_{number}" / "checkpoints" / f"best-{number}.ckpt"
+        checkpoint.parent.mkdir(parents=True)
+        checkpoint.write_bytes(b"")
+        (checkpoint.parent.parent / "metrics.json").write_text(json.dumps({"best_val_mcc": mcc, "best_model_path": str(checkpoint)}))
+        if sweep:
+            (checkpoint.parent.parent / checkpoints.SWEEP_FILE).write_text(json.dumps(sweep))
+        return checkpoint
+
+    run(0, 0.9)  # an older plain run
+    run(1, 0.35, {"study": "cola", "trial": 0, "state": "complete"})
+    best = run(2, 0.38, {"study": "cola", "trial": 1, "state": "complete"})
+    run(3, 0.38, {"study": "cola", "trial": 2, "state": "complete"})  # as good, but later: the first one wins
+    run(4, 0.50, {"study": "other", "trial": 0, "state": "complete"})  # another study's
+    run(5, 0.60, {"study": "cola", "trial": 3, "state": "pruned"})  # the newest: pruned, never picked
+    assert checkpoints.find_best_checkpoint(log_dir) == best
+    later = run(6, 0.10)  # a plain run after the sweep is the latest run again
+    assert checkpoints.find_best_checkpoint(log_dir) == later
