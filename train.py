@@ -230,10 +230,9 @@ def export_for_inference(best_model_path: str) -> None:
     print(f"Exported for inference.py in {time.monotonic() - started:.0f} s: {path}")
 
 
-def main(args: Optional[list[str]] = None, callbacks: Sequence[Callback] = (), export: bool = True) -> str:
+def main(args: Optional[list[str]] = None, callbacks: Sequence[Callback] = (), export: bool = True) -> None:
     """One training run with these command-line arguments (default: sys.argv), plus callbacks (tune.py reports
-    each validation to its trial with one); returns the path of the best checkpoint. tune.py exports only the
-    best trial's (export=False)."""
+    each validation to its trial with one). tune.py exports only the best trial's checkpoint (export=False)."""
     timer = Timer()
     cli = ColaCLI(
         ColaModel,
@@ -289,7 +288,6 @@ def main(args: Optional[list[str]] = None, callbacks: Sequence[Callback] = (), e
     if trainer.is_global_zero and export:
         export_for_inference(checkpoint.best_model_path)
         print(f'Next: python inference.py --checkpoint {checkpoint.best_model_path} "The boy is sitting on a bench."')
-    return checkpoint.best_model_path
 
 
 def stop_before_training(signum: int, frame: Any) -> None:

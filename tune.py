@@ -31,7 +31,7 @@ from hub import HubError
 from model import NonFiniteLossError
 
 import optuna  # noqa: E402  (after train: see above)
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, Trial, TrialState
 from pytorch_lightning import Callback, LightningModule, Trainer
 
@@ -98,7 +98,7 @@ class Sweep:
             train.main([*args, "--ckpt_path", str(checkpoint)] if checkpoint else args, callbacks=[report], export=False)
         except (StoppedBySignal, KeyboardInterrupt):
             # Retried by whoever runs the study next, from the run's last.ckpt (Optuna's own retry, as for a dead worker).
-            RetryFailedTrialCallback(inherit_intermediate_values=True)(trial.study, frozen(trial))
+            RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(trial.study, frozen(trial))
             raise
         except SystemExit as e:  # train.py's parser has said what was wrong
             raise Exit(e.code) from None
@@ -171,7 +171,7 @@ def retried_run(trial: Trial, study: str) -> Optional[Path]:
         info = json.loads((run_dir / SWEEP_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if info.get("study") != study or info.get("trial") not in RetryFailedTrialCallback.retry_history(frozen(trial)):
+    if info.get("study") != study or info.get("trial") not in RetryHeartbeatStaleTrialCallback.retry_history(frozen(trial)):
         return None
     return run_dir
 
@@ -229,7 +229,7 @@ def open_storage(url: str, heartbeat_seconds: int) -> RDBStorage:
         try:
             return RDBStorage(
                 url, engine_kwargs=engine, heartbeat_interval=heartbeat_seconds, grace_period=2 * heartbeat_seconds,
-                heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=3, inherit_intermediate_values=True),
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3, inherit_intermediate_values=True),
             )
         except Exception as e:  # no server, wrong password, no driver, not a URL...: all one line
             if (isinstance(e, IntegrityError) or "already exists" in str(e)) and attempt < 2:

@@ -1,8 +1,6 @@
 """`python tune.py` on the tiny model: workers sharing a study (SQLite, PostgreSQL), kill -9 and Ctrl-C, pruning,
 the best trial served, bad input. Each trial trains 2 epochs of 6 steps."""
 
-import contextlib
-import io
 import json
 import os
 import shutil
