@@ -138,7 +138,9 @@ class SanityChecks(Callback):
 
 
 def resume_command(ckpt_path: str) -> str:
-    """This command line again, resuming from ckpt_path."""
+    """This command line again, resuming from ckpt_path (a tune.py sweep's own command resumes its trials)."""
+    if Path(sys.argv[0]).name == "tune.py":
+        return shlex.join(["python", *sys.argv])
     args, skip = [], False
     for arg in sys.argv[1:]:
         if not skip and arg != "--ckpt_path" and not arg.startswith("--ckpt_path="):

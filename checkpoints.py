@@ -15,6 +15,7 @@ from typing import Optional
 
 LOG_DIR = Path("logs/cola")  # TensorBoardLogger's save_dir/name as train.py sets them
 SLURM_JOB_FILE = "slurm_job_id"  # in a run folder: the SLURM job that trains it, so that a requeued job finds it
+SWEEP_FILE = "tune.json"  # in a run folder of a tune.py trial: {"study", "trial", "state": running, pruned or complete}
 
 
 class CheckpointError(Exception):
@@ -170,12 +171,44 @@ def check_writable(run_dir: Path) -> None:
             ) from None
 
 
+def sweep_of(run_dir: Path) -> Optional[dict]:
+    """What tune.py wrote in a trial's run folder (see SWEEP_FILE); None for a plain train.py run."""
+    with contextlib.suppress(OSError, UnicodeDecodeError, ValueError):
+        sweep = json.loads((run_dir / SWEEP_FILE).read_text(encoding="utf-8"))
+        return sweep if isinstance(sweep, dict) else None
+    return None
+
+
+def best_trial_checkpoint(log_dir: Path, study: str) -> Optional[Path]:
+    """The best checkpoint of the study's best finished trial under log_dir (by metrics.json, whose best_val_mcc
+    is the trial's value in Optuna; of equals the first trial), or None if none has finished; pruned trials never count."""
+    best, best_key = None, (float("-inf"), 0)
+    for number in run_numbers(log_dir):
+        run_dir = log_dir / f"version_{number}"
+        sweep = sweep_of(run_dir)
+        if not sweep or sweep.get("study") != study or sweep.get("state") != "complete":
+            continue
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, CheckpointError):
+            mcc = float(json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))["best_val_mcc"])
+            checkpoint, key = best_checkpoint_of_run(run_dir), (mcc, -int(sweep["trial"]))
+            if checkpoint is not None and key > best_key:
+                best, best_key = checkpoint, key
+    return best
+
+
 def find_best_checkpoint(log_dir: Path = LOG_DIR) -> Path:
-    """The checkpoint ModelCheckpoint marked best in the most recent run (highest version_N) that has one.
+    """The checkpoint ModelCheckpoint marked best in the most recent run (highest version_N) that has one; if that
+    run is a trial of a tune.py sweep, the best checkpoint of the sweep's best trial (a pruned trial never is).
     Newer runs that cannot be used (none saved yet, or damaged) are named in one line on stderr."""
     skipped = []
     for number in run_numbers(log_dir):
         run_dir = log_dir / f"version_{number}"
+        sweep = sweep_of(run_dir)
+        best = sweep and best_trial_checkpoint(log_dir, sweep.get("study"))
+        if best:
+            return best
+        if sweep:  # a trial that was pruned, or of a sweep that has finished none yet
+            continue
         try:
             best = best_checkpoint_of_run(run_dir)
         except CheckpointError as e:

@@ -4,8 +4,9 @@
     python inference.py --file sentences.txt --json > predictions.jsonl
     cat sentences.txt | python inference.py -
     python inference.py --export exported/       # a folder transformers.pipeline() loads
+    python inference.py --glue_test glue_data/CoLA/test.tsv > CoLA.tsv   # for the GLUE leaderboard
 
-Without --checkpoint it uses the best checkpoint of the most recent run under logs/cola.
+Without --checkpoint it uses the best checkpoint of the most recent run under logs/cola (after tune.py: of its best trial).
 
 Start-up time is the point of this file's shape: importing torch and transformers' BERT takes ~6 s
 on a 2-core machine, onnxruntime and tokenizers ~0.3 s. So the first use of a checkpoint exports
@@ -204,11 +205,12 @@ def progress_bar(batches: list, enabled: bool):
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Refuse, in one line, a command line whose input is missing or would be partly ignored."""
-    if args.export:
-        if args.sentences or args.file:
-            raise InputError("--export writes a model folder and classifies nothing: give it without sentences or --file")
+    if args.export or args.glue_test:
+        option = "--export" if args.export else "--glue_test"
+        if args.sentences or args.file or (args.export and args.glue_test):
+            raise InputError(f"{option} reads no other input: give it without sentences, --file, --export or --glue_test")
     elif not (args.sentences or args.file):
-        raise InputError("give sentences, '-' for standard input, --file PATH, or --export DIR")
+        raise InputError("give sentences, '-' for standard input, --file PATH, --glue_test TSV or --export DIR")
     elif args.file and len(args.file) > 1:
         raise InputError("--file given more than once: one file at a time (or `cat a.txt b.txt | python inference.py -`)")
     elif args.file and args.sentences:
@@ -264,6 +266,27 @@ def read_lines(source: BinaryIO, name: str) -> Iterator[list[str]]:
         raise error
 
 
+def glue_test_predictions(predictor: ColaPredictor, path: str) -> Iterator[str]:
+    """The GLUE leaderboard's CoLA.tsv (index<TAB>prediction, 1 for acceptable) for GLUE's CoLA test.tsv
+    (index<TAB>sentence), lines with a header first."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").removeprefix("\ufeff").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read as UTF-8 text ({getattr(e, 'strerror', None) or e.reason})") from None
+    if not lines or lines[0].split("\t") != ["index", "sentence"]:
+        raise InputError(f"{path}:1: expected GLUE's CoLA test.tsv header 'index<TAB>sentence'")
+    rows = [line.split("\t", 1) for line in lines[1:]]
+    for number, row in enumerate(rows, start=2):
+        if len(row) != 2 or not row[0].isdigit() or not row[1].strip():
+            raise InputError(f"{path}:{number}: expected an index, a tab and a sentence")
+    results = predictor.predict([sentence for _, sentence in rows])
+    if any("error" in result for result in results):
+        raise CheckpointError(f"{path}: some sentences got no prediction: {NOT_FINITE}")
+    yield "index\tprediction"
+    for (index, _), result in zip(rows, results):
+        yield f"{index}\t{predictor.labels.index(result['label'])}"
+
+
 def print_results(results: list[dict], as_json: bool, first_line: int = 1, label_width: int = 0) -> None:
     """One line per result on stdout (JSON, or label, probability, sentence); in text mode an error is a
     warning on stderr instead. first_line numbers the results in those warnings."""
@@ -287,6 +310,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=BATCH_SIZE)
     parser.add_argument("--backend", choices=BACKENDS, default="onnx", help="torch uses the GPU if present")
     parser.add_argument("--export", metavar="DIR", help="write a Hugging Face model folder to DIR (new or empty) and exit")
+    parser.add_argument("--glue_test", metavar="TSV", help="print GLUE's CoLA.tsv (leaderboard predictions) for GLUE's CoLA test.tsv")
     # argparse prints its usage before the error: one line instead, as every other problem.
     parser.error = lambda message: sys.exit(f"error: {message} (python inference.py --help lists the options)")
     args = parser.parse_args()
@@ -299,6 +323,9 @@ def main() -> None:
         except OSError as e:  # refused (exists, not a folder) or failed (permissions, disk full)
             raise InputError(f"--export {args.export}: {e.strerror}") from None
         print(f"Exported to {args.export}: pipeline('text-classification', model='{args.export}')")
+        return
+    if args.glue_test:
+        print("\n".join(glue_test_predictions(ColaPredictor(checkpoint, backend=args.backend), args.glue_test)))
         return
     chunks = read_sentences(args)
     # Bad input near the start fails before the model loads; a second chunk means a long input.

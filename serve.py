@@ -1,6 +1,6 @@
 """Serve a checkpoint trained by train.py over HTTP, with a page to try sentences on. Offline.
 
-    python serve.py                          # best checkpoint of the latest run, http://127.0.0.1:8000
+    python serve.py                          # the latest run's (or sweep's) best, http://127.0.0.1:8000
     python serve.py --checkpoint model/      # its ONNX export alone: no PyTorch (requirements-serve.txt, Dockerfile)
     curl -s http://127.0.0.1:8000/predict -H 'Content-Type: application/json' \\
         -d '{"sentences": ["The boy is sitting on a bench.", "Him sat bench."]}'

@@ -17,12 +17,12 @@ import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, NoReturn, Optional, Sequence
 
 try:  # torch and Lightning take seconds to import: a Ctrl-C meanwhile is one line, not a traceback
     import torch
     from jsonargparse import Namespace
-    from pytorch_lightning import Trainer
+    from pytorch_lightning import Callback, Trainer
     from pytorch_lightning.callbacks import LearningRateMonitor, ThroughputMonitor, Timer
     from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
     from pytorch_lightning.plugins.io import TorchCheckpointIO
@@ -213,11 +213,14 @@ def export_for_inference(best_model_path: str) -> None:
     print(f"Exported for inference.py in {time.monotonic() - started:.0f} s: {path}")
 
 
-def main() -> None:
+def main(args: Optional[list[str]] = None, callbacks: Sequence[Callback] = (), export: bool = True) -> None:
+    """One training run with these command-line arguments (default: sys.argv), plus callbacks (tune.py reports
+    each validation to its trial with one). tune.py exports only the best trial's checkpoint (export=False)."""
     timer = Timer()
     cli = ColaCLI(
         ColaModel,
         ColaDataModule,
+        args=args,
         run=False,
         parser_class=OneLineErrorParser,
         seed_everything_default=42,
@@ -243,6 +246,7 @@ def main() -> None:
                 StopOnSignal(),
                 ResumeInRunFolder(),
                 SanityChecks(),
+                *callbacks,
             ],
         },
     )
@@ -264,6 +268,7 @@ def main() -> None:
         )
     if trainer.is_global_zero:
         report(trainer, cli.datamodule, timer)
+    if trainer.is_global_zero and export:
         export_for_inference(checkpoint.best_model_path)
         print(f'Next: python inference.py --checkpoint {checkpoint.best_model_path} "The boy is sitting on a bench."')
 

@@ -1,4 +1,5 @@
-"""`python train.py ARGS` with one fault injected, for the reliability tests. The fault comes from $FAULT:
+"""`python train.py ARGS` (or $FAULT_SCRIPT ARGS: tune.py) with one fault injected, for the reliability tests.
+The fault comes from $FAULT:
 
     pause_before_step:N    before training step N+1 (N steps done), stop and wait
     pause_in_save:TEXT     half-way through writing the first checkpoint whose file name contains TEXT, stop and wait
@@ -57,5 +58,5 @@ elif fault == "pause_in_save":
 else:
     sys.exit(f"unknown FAULT {fault!r}")
 
-sys.argv = [str(REPO / "train.py"), *sys.argv[1:]]
+sys.argv = [str(REPO / os.environ.get("FAULT_SCRIPT", "train.py")), *sys.argv[1:]]
 runpy.run_path(sys.argv[0], run_name="__main__")

@@ -598,3 +598,18 @@ def test_checkpoint_may_be_a_folder_of_runs(trained, best_checkpoint):
     assert resolve_checkpoint(workdir / "logs/cola") == best_checkpoint  # the latest run's best
     with pytest.raises(CheckpointError, match="no best checkpoint here: give a .ckpt file, a run folder or a folder of runs"):
         resolve_checkpoint(workdir / "logs")
+
+
+def test_glue_test_set_gives_the_leaderboards_cola_tsv(trained, predictor, tmp_path):
+    """GLUE's CoLA test.tsv (index, sentence; a header) in, the leaderboard's CoLA.tsv (index, prediction) out."""
+    workdir, _ = trained
+    rows = [(7, SENTENCES[0]), (3, SENTENCES[1]), (12, SENTENCES[2])]
+    (tmp_path / "test.tsv").write_text("index\tsentence\n" + "".join(f"{i}\t{s}\n" for i, s in rows), encoding="utf-8")
+    result = run_inference(workdir, "--glue_test", str(tmp_path / "test.tsv"))
+    assert result.returncode == 0, result.stderr
+    labels = [predictor.labels.index(r["label"]) for r in predictor.predict([s for _, s in rows])]
+    assert result.stdout == "index\tprediction\n" + "".join(f"{i}\t{label}\n" for (i, _), label in zip(rows, labels))
+    (tmp_path / "dev.tsv").write_text("src\t1\t\tThe dog sat.\n")  # the labelled layout: not the test set
+    assert "dev.tsv:1: expected GLUE's CoLA test.tsv header" in one_line_error(run_inference(workdir, "--glue_test", str(tmp_path / "dev.tsv")))
+    (tmp_path / "test.tsv").write_text("index\tsentence\n0\tThe dog sat.\nThe cat sat.\n")
+    assert "test.tsv:3: expected an index, a tab and a sentence" in one_line_error(run_inference(workdir, "--glue_test", str(tmp_path / "test.tsv")))

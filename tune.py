@@ -1,0 +1,345 @@
+"""Find the best model in a budget: many train.py runs (trials) of one Optuna study, the unpromising stopped early.
+
+    python tune.py --n_trials 12 <train.py options>             # 12 restarts, seeds 1, 2, ...: keep the best
+    python tune.py --search_space space.yaml <train.py options> # also vary the options space.yaml names
+    python tune.py --storage postgresql://user@host/db ...      # workers on several machines share one study
+
+Each trial is an ordinary train.py run, with its own logs/cola/version_N. The study lives in --storage: a
+stopped or killed sweep continues with the same command, and inference.py and serve.py pick its best trial.
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import shlex
+import shutil
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+import train  # first: it turns a Ctrl-C during the slow imports into one line
+from callbacks import StoppedBySignal
+from checkpoints import SWEEP_FILE, CheckpointError, first_line, newest_checkpoint
+from data import DataError, OptionError
+from hub import HubError
+from model import NonFiniteLossError
+
+import optuna  # noqa: E402  (after train: see above)
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, Trial, TrialState
+from pytorch_lightning import Callback, LightningModule, Trainer
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# Lightning warns when LightningCLI gets args= while sys.argv has some: here sys.argv is tune.py's, on purpose.
+warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+# Heartbeats (a dead worker's trial retried) are marked experimental since Optuna 2.9; they are what tune.py needs.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# Successive halving (ASHA): after epoch 1 a trial goes on only if its val MCC is in the top third of the trials
+# that got there, after epoch 3 again. Restarts cost ~2 epochs each instead of all of them (benchmarks/README.md).
+PRUNER = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+
+
+class SweepError(Exception):
+    """A bad tune.py option or search space, reported as one line."""
+
+
+class ReportToTrial(Callback):
+    """Tells the trial each epoch's val_mcc and stops the run when the pruner discards it; marks the run folder
+    as this study's trial (checkpoints.py reads the mark: a sweep's best trial, never a pruned one, is served)."""
+
+    def __init__(self, trial: Trial, study: str) -> None:
+        self.trial, self.study, self.run_dir = trial, study, None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.run_dir = Path(trainer.logger.log_dir)
+        self.trial.set_user_attr("run_dir", str(self.run_dir.resolve()))
+        mark(self.run_dir, self.study, self.trial.number, "running")
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        val_mcc, epoch = float(trainer.callback_metrics["val_mcc"]), trainer.current_epoch + 1
+        self.trial.report(val_mcc, epoch)
+        if self.trial.should_prune():
+            mark(self.run_dir, self.study, self.trial.number, "pruned")
+            raise optuna.TrialPruned(f"val_mcc {val_mcc:.4f} after epoch {epoch}")
+
+
+class Sweep:
+    """The objective: one train.py run per trial; and when the sweep has enough."""
+
+    def __init__(self, options: argparse.Namespace, train_args: list[str], space: dict) -> None:
+        self.options, self.train_args, self.space = options, train_args, space
+
+    def objective(self, trial: Trial) -> float:
+        if self.done(trial.study, before=trial.number):  # other workers started the last trials meanwhile
+            trial.study.stop()
+            trial.set_user_attr("unused", True)
+            raise NotNeeded()
+        seed = trial.user_attrs.get("seed", trial.number + 1)  # a retried trial keeps its seed
+        trial.set_user_attr("seed", seed)
+        settings = [f"--{name}={format_value(sample(trial, name, spec))}" for name, spec in self.space.items()]
+        args = [*self.train_args, *settings, f"--seed_everything={seed}"]
+        run_dir = retried_run(trial, self.options.study)
+        if run_dir is not None and (run_dir / "metrics.json").is_file():  # its worker was killed after training
+            mark(run_dir, self.options.study, trial.number, "complete")
+            return finished(trial, run_dir)
+        checkpoint = run_dir and newest_checkpoint(run_dir)
+        if run_dir is not None and checkpoint is None:  # it saved nothing: start again, in a new folder
+            shutil.rmtree(run_dir, ignore_errors=True)
+        report = ReportToTrial(trial, self.options.study)
+        try:
+            train.main([*args, "--ckpt_path", str(checkpoint)] if checkpoint else args, callbacks=[report], export=False)
+        except (StoppedBySignal, KeyboardInterrupt):
+            # Retried by whoever runs the study next, from the run's last.ckpt (Optuna's own retry, as for a dead worker).
+            RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(trial.study, frozen(trial))
+            raise
+        except SystemExit as e:  # train.py's parser has said what was wrong
+            raise Exit(e.code) from None
+        except NonFiniteLossError as e:  # these settings diverge: counted, never picked, as a pruned trial
+            mark(report.run_dir, self.options.study, trial.number, "pruned")
+            trial.set_user_attr("diverged", True)
+            raise optuna.TrialPruned(str(e)) from None
+        mark(report.run_dir, self.options.study, trial.number, "complete")
+        return finished(trial, report.run_dir)
+
+    def done(self, study: optuna.Study, before: Optional[int] = None) -> bool:
+        """Enough trials finished or running (of those numbered below `before`), or the epoch budget spent."""
+        trials = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+        counted = [t for t in trials if before is None or t.number < before]
+        epochs = sum(len(t.intermediate_values) for t in trials)
+        return len(counted) >= self.options.n_trials or epochs >= (self.options.budget_epochs or float("inf"))
+
+    def stop_when_done(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if not trial.user_attrs.get("unused"):
+            print(trial_line(trial), file=sys.stderr)
+        if self.done(study):
+            study.stop()
+
+
+def mark(run_dir: Path, study: str, number: int, state: str) -> None:
+    """Marks a run folder as a trial of this study (checkpoints.py reads it: a sweep's best trial is served)."""
+    (run_dir / SWEEP_FILE).write_text(json.dumps({"study": study, "trial": number, "state": state}) + "\n")
+
+
+def finished(trial: Trial, run_dir: Path) -> float:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    trial.set_user_attr("checkpoint", metrics["best_model_path"])
+    return metrics["best_val_mcc"]
+
+
+class NotNeeded(Exception):
+    """A trial started after the sweep had enough: it trains nothing."""
+
+
+class Exit(Exception):
+    """train.py exited (its parser's one-line error is printed): tune.py exits with the same status."""
+
+    def __init__(self, code: Any) -> None:
+        self.code = code
+
+
+def frozen(trial: Trial) -> FrozenTrial:
+    return next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+
+
+def sample(trial: Trial, name: str, spec: Any) -> Any:
+    if isinstance(spec, list):
+        return trial.suggest_categorical(name, spec)
+    if all(isinstance(spec[k], int) for k in ("low", "high")):
+        return trial.suggest_int(name, spec["low"], spec["high"], log=spec.get("log", False))
+    return trial.suggest_float(name, spec["low"], spec["high"], log=spec.get("log", False))
+
+
+def format_value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def retried_run(trial: Trial, study: str) -> Optional[Path]:
+    """For a trial retried after its worker was stopped or killed: that worker's run folder, if it is here
+    (on another machine, a folder of that name holds another run)."""
+    if "run_dir" not in trial.user_attrs:
+        return None
+    run_dir = Path(trial.user_attrs["run_dir"])
+    try:
+        info = json.loads((run_dir / SWEEP_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if info.get("study") != study or info.get("trial") not in RetryHeartbeatStaleTrialCallback.retry_history(frozen(trial)):
+        return None
+    return run_dir
+
+
+def read_space(path: Optional[str]) -> dict:
+    """The search space: {option: [choices]} or {option: {low, high, log}}, options as train.py names them."""
+    if path is None:
+        return {}
+    try:
+        space = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise SweepError(f"--search_space {path}: {first_line(e)}") from None
+    if not isinstance(space, dict):
+        raise SweepError(f"{path}: give a mapping of train.py options to choices, e.g. 'model.pooling: [cls, mean]'")
+    for name, spec in space.items():
+        if name in ("seed_everything", "ckpt_path"):
+            raise SweepError(f"{path}: {name}: tune.py sets it for each trial (seed: trial number + 1)")
+        valid_range = isinstance(spec, dict) and {"low", "high"} <= spec.keys() <= {"low", "high", "log"}
+        if not (isinstance(spec, list) and spec) and not (
+            valid_range and all(isinstance(spec[k], (int, float)) and not isinstance(spec[k], bool) for k in ("low", "high"))
+        ):
+            raise SweepError(f"{path}: {name}: give a list of choices, or {{low: 1.0e-5, high: 1.0e-4, log: true}}")
+    return space
+
+
+def check_train_args(args: list[str], space: dict, space_path: Optional[str]) -> None:
+    """Parse the trials' options as train.py will (with --print_config: nothing loads or trains), before any
+    trial starts: a bad option is one line, and no trial or run folder is left behind."""
+    first = {name: spec[0] if isinstance(spec, list) else spec["low"] for name, spec in space.items()}
+    settings = [f"--{name}={format_value(value)}" for name, value in first.items()]
+    for extra, source in (([], None), (settings, space_path)):
+        stderr = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
+                train.main([*args, *extra, "--print_config"])
+        except SystemExit as e:
+            if e.code:
+                message = stderr.getvalue().strip().splitlines()[-1].removeprefix("error: ")
+                raise SweepError(f"{source}: {message}" if source else message) from None
+
+
+def open_storage(url: str, heartbeat_seconds: int) -> RDBStorage:
+    """Optuna's RDB storage with heartbeats: a trial whose worker died (no heartbeat for 2 intervals) is failed
+    and retried, at most 3 times (a trial that kills its worker, out of memory say, is not retried forever)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import IntegrityError
+
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    # postgresql:// means psycopg2 to SQLAlchemy; requirements.txt brings psycopg 3.
+    url = url.replace("postgresql://", "postgresql+psycopg://", 1) if url.startswith("postgresql://") else url
+    # SQLite: wait for another worker's write instead of failing with "database is locked".
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    for attempt in range(3):
+        try:
+            return RDBStorage(
+                url, engine_kwargs=engine, heartbeat_interval=heartbeat_seconds, grace_period=2 * heartbeat_seconds,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3, inherit_intermediate_values=True),
+            )
+        except Exception as e:  # no server, wrong password, no driver, not a URL...: all one line
+            if (isinstance(e, IntegrityError) or "already exists" in str(e)) and attempt < 2:
+                time.sleep(1)  # workers started together on a new database: another one is creating the tables
+                continue
+            shown = make_url(url).render_as_string(hide_password=True) if "://" in url else url
+            raise SweepError(f"--storage {shown}: cannot open the study there: {first_line(e)}") from None
+
+
+def trial_line(trial: FrozenTrial) -> str:
+    values = trial.intermediate_values
+    best = f"val MCC {max(values.values()):.4f}" if values else "no validation"
+    state = "diverged (loss not finite)" if trial.user_attrs.get("diverged") else trial.state.name.lower()
+    return f"trial {trial.number} (seed {trial.user_attrs.get('seed')}): {state}, {best} after {len(values)} epoch(s)"
+
+
+def best_trial(trials: list[FrozenTrial]) -> Optional[FrozenTrial]:
+    """The complete trial with the highest val MCC, of equals the first (as checkpoints.py picks it)."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+
+
+def format_cell(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def print_table(study: optuna.Study) -> None:
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("unused")]
+    names = sorted({name for t in trials for name in t.params})
+    print("\n| trial | seed | " + "".join(f"{n} | " for n in names) + "best val MCC | epochs | state | minutes | run folder |")
+    print("| ---: " * (2 + len(names)) + "| ---: | ---: | --- | ---: | --- |")
+    for t in trials:
+        values = t.intermediate_values
+        took = t.datetime_complete - t.datetime_start if t.datetime_complete and t.datetime_start else None
+        state = "stopped, retried" if t.state == TrialState.FAIL and t.user_attrs.get("run_dir") else t.state.name.lower()
+        state = "diverged" if t.user_attrs.get("diverged") else state
+        run_dir = Path(t.user_attrs.get("run_dir", "-"))
+        cells = [t.number, t.user_attrs.get("seed", "-"), *(format_cell(t.params.get(n, "-")) for n in names)]
+        cells += [f"{max(values.values()):.4f}" if values else "-", len(values), state]
+        cells += [f"{took.total_seconds() / 60:.1f}" if took else "-", f"{run_dir.parent.name}/{run_dir.name}"]
+        print("| " + " | ".join(str(c) for c in cells) + " |")
+    best = best_trial(trials)
+    if best is None:
+        return
+    checkpoint = Path(best.user_attrs["checkpoint"])
+    if checkpoint.is_file():  # on this machine: export it now, so that inference.py and serve.py start fast
+        train.export_for_inference(str(checkpoint))
+    pruned = sum(t.state == TrialState.PRUNED for t in trials)
+    finished = sum(t.state in FINISHED for t in trials)
+    print(f"\n{finished} trials, {pruned} pruned. Best: trial {best.number}, val MCC {best.value:.4f}: {checkpoint}")
+    print("inference.py and serve.py pick it without --checkpoint. Next: python serve.py, or")
+    print(f'  python inference.py --checkpoint {shlex.quote(str(checkpoint))} "The boy is sitting on a bench."')
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+        epilog="Every other option goes to each trial's train.py (python train.py --help lists them).",
+    )
+    parser.add_argument("--n_trials", type=int, default=10, help="trials to finish, pruned ones included (default 10)")
+    parser.add_argument("--budget_epochs", type=int, help="or stop starting trials once all have trained this many epochs")
+    parser.add_argument("--search_space", metavar="YAML", help="train.py options to vary (default: only the seed)")
+    parser.add_argument("--storage", default="sqlite:///logs/tune.db", help="an SQLAlchemy URL (default: %(default)s)")
+    parser.add_argument("--study", default="cola", help="the study's name in --storage (default: %(default)s)")
+    parser.add_argument("--heartbeat_seconds", type=int, default=60, help="a killed worker's trial is retried after 2 of these")
+    options, train_args = parser.parse_known_args()
+    if options.n_trials < 1 or (options.budget_epochs is not None and options.budget_epochs < 1) or options.heartbeat_seconds < 1:
+        raise SweepError("--n_trials, --budget_epochs and --heartbeat_seconds must be at least 1")
+    for fixed in ("--seed_everything", "--ckpt_path"):
+        if any(a == fixed or a.startswith(fixed + "=") for a in train_args):
+            raise SweepError(f"{fixed}: tune.py sets it for each trial (seed: trial number + 1; a retried trial resumes)")
+    space = read_space(options.search_space)
+    check_train_args(train_args, space, options.search_space)
+    sweep = Sweep(options, train_args, space)
+    study = optuna.create_study(
+        storage=open_storage(options.storage, options.heartbeat_seconds), study_name=options.study, direction="maximize", pruner=PRUNER, load_if_exists=True
+    )
+    command = {"train_args": train_args, "search_space": space}
+    if "command" not in study.user_attrs:
+        study.set_user_attr("command", command)
+    elif study.user_attrs["command"] != command:
+        raise SweepError(f"study {options.study!r} in {options.storage} ran other options: give the same ones, or a new --study")
+    if not sweep.done(study):
+        # Ctrl-C and SIGTERM before and between trials also stop in one line (during training train.py's own handling).
+        previous = {signum: signal.signal(signum, train.stop_before_training) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            study.optimize(sweep.objective, catch=(NotNeeded,), callbacks=[sweep.stop_when_done])
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+    running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    if running:
+        print(f"note: trial(s) {', '.join(map(str, running))} still running (another worker, or one killed less than"
+              f" {2 * options.heartbeat_seconds} s ago: then run this command again)", file=sys.stderr)
+    print_table(study)
+
+
+def run() -> None:
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial (stop_when_done), not Optuna's tracebacks
+    try:
+        main()
+    except (SweepError, DataError, HubError, CheckpointError, OptionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except Exit as e:
+        sys.exit(e.code)
+    except (StoppedBySignal, KeyboardInterrupt) as e:
+        print(f"\nstopped: the same command continues the sweep ({shlex.join(['python', *sys.argv])})", file=sys.stderr)
+        sys.exit(128 + getattr(e, "signum", signal.SIGINT))
+
+
+if __name__ == "__main__":
+    run()
