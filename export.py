@@ -170,7 +170,7 @@ def content_digest(data, end: int) -> str:
         return xxhash.xxh3_64_hexdigest(content)
 
 
-def seal(path: Path) -> None:
+def append_digest(path: Path) -> None:
     """Append the digest entry of the export at path (see DIGEST_KEY)."""
     with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         digest = content_digest(data, len(data))
@@ -215,8 +215,8 @@ class CachedExport:
     """The ONNX export of one checkpoint, and its int8 copy, each checked against the checkpoint's content.
 
     An export carries the checkpoint's sha256 (and its file identity, to skip hashing) in its metadata, and
-    ends with a digest of its own bytes (seal): a cache whose bytes changed, that does not load, or that was
-    made from other weights, is rebuilt, saying so in one line.
+    ends with a digest of its own bytes (append_digest): a cache whose bytes changed, that does not load, or
+    that was made from other weights, is rebuilt, saying so in one line.
     Beside the checkpoint if that folder is writable (or already holds a good export), else in the user's
     cache folder under the checkpoint's sha256 (so a read-only folder costs one hash, ~0.12 s for 90 MB,
     per start: the name of its cached export)."""
@@ -242,6 +242,8 @@ class CachedExport:
             if session:
                 return path, session
             reason = cache_reason or reason
+        if path.exists() and not path.is_file():  # the export could never replace it
+            raise CheckpointError(f"{path}: a folder or other non-file is where the ONNX export of {self.checkpoint_path.name} goes; move it away")
         if int8:
             fp32_path, _ = self.session()
             model = int8_source(fp32_path, self.checkpoint_path)  # NaN weights fail here, before the line below
@@ -283,7 +285,7 @@ class CachedExport:
 
 
 def write_atomically(path: Path, build: Callable[[Path], None]) -> None:
-    """build() writes a temporary file beside path, sealed with its digest, which then replaces path in one
+    """build() writes a temporary file beside path, ended with its digest, which then replaces path in one
     step: a concurrent or interrupted run never sees half a file, and an interrupted or failed build leaves
     nothing behind."""
     try:
@@ -298,7 +300,7 @@ def write_atomically(path: Path, build: Callable[[Path], None]) -> None:
     tmp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         build(tmp_path)
-        seal(tmp_path)
+        append_digest(tmp_path)
         os.replace(tmp_path, path)
     except OSError as e:  # a full disk, say
         raise CheckpointError(f"cannot write the ONNX export {path}: {e.strerror or e}") from None

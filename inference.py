@@ -11,7 +11,8 @@ Start-up time is the point of this file's shape: importing torch and transformer
 on a 2-core machine, onnxruntime and tokenizers ~0.3 s. So the first use of a checkpoint exports
 its model to ONNX beside it (`best-....onnx`, with the tokenizer, labels and the checkpoint's sha256
 in its metadata; in ~/.cache/mlops-one/ if the run folder is read-only), and every later run loads
-only that, after checking that it was made from this checkpoint's content (export.CachedExport). `--backend onnx-int8` runs a copy with int8 weights instead (CPUs:
+only that, after checking that its bytes are as written and that it was made from this checkpoint's
+content (export.CachedExport). `--backend onnx-int8` runs a copy with int8 weights instead (CPUs:
 faster, probabilities ~0.02 off), `--backend torch` runs the checkpoint in PyTorch (GPUs).
 """
 

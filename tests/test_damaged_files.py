@@ -1,6 +1,7 @@
 """Damaged files: an ONNX export or a checkpoint whose bytes changed after it was written (a bad disk, a broken
 copy), cut short, empty, or no such file at all. Each is rebuilt or refused in one line, never served."""
 
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -136,3 +137,19 @@ def test_a_damaged_checkpoint_is_refused_in_one_line_before_it_is_exported_or_se
     assert not (tmp_path / "hf").exists()
     if how == "classifier-weights":  # the probe's case (inference ran, exit 0); the command line is slow to start
         assert one_line_error(run_inference(tmp_path, "--checkpoint", str(checkpoint), "Hello.")) == f"error: {message}"
+
+
+@pytest.mark.parametrize("backend", ["onnx", "onnx-int8"])
+def test_a_folder_where_the_export_goes_is_one_line_before_any_export(checkpoint, backend):
+    export_path = checkpoint.with_suffix(".int8.onnx" if backend == "onnx-int8" else ".onnx")
+    export_path.unlink()
+    export_path.mkdir()
+    with pytest.raises(CheckpointError, match=f"^{export_path}: a folder or other non-file is where the ONNX export of model.ckpt goes; move it away$"):
+        ColaPredictor(checkpoint, backend)
+
+
+def test_a_checkpoint_that_is_no_regular_file_is_one_line(tmp_path):
+    fifo = tmp_path / "model.ckpt"
+    os.mkfifo(fifo)  # opening it would wait for a writer forever
+    with pytest.raises(CheckpointError, match=f"^{fifo}: not a checkpoint: not a regular file"):
+        ColaPredictor(fifo)
