@@ -182,7 +182,8 @@ def archive_damage(path: Path) -> Optional[str]:
     """Why path is not a whole torch.save file, or None. torch.save writes a zip archive whose members (the
     pickled structure, one per tensor) are stored uncompressed with the CRC-32 of their bytes; torch.load
     checks none of them, so changed bytes would load as other weights. Checked here on a memory map, without
-    copying: ~0.07 s per 90 MB (zipfile's testzip() copies them: ~0.2 s; benchmarks/README.md, "Start-up")."""
+    copying: 0.13 s for MiniLM's 178 MB checkpoint, where zipfile's testzip(), which copies every byte, took
+    0.25 s (benchmarks/README.md, "Integrity checks at start-up")."""
     import zipfile  # ~0.01 s: only where a checkpoint is opened, never on inference's fast path
 
     if path.stat().st_size == 0:

@@ -150,7 +150,8 @@ def build_int8(model: "onnx.ModelProto", int8_path: Path) -> None:
 # weights would serve wrong answers without a word. The digest is the last metadata entry: protobuf reads
 # an entry appended to a serialized model as one more, so the file is its content, then the digest of that
 # content. xxh3-64, not sha256: this finds damage, not forgery (whoever can write the export can write its
-# digest), and on 90 MB it costs ~0.02 s to sha256's ~0.12 s (benchmarks/README.md, "Start-up").
+# digest), and on MiniLM's 92 MB it took 0.004-0.02 s, CRC-32 0.09-0.14 s, sha256 0.23-0.27 s
+# (benchmarks/README.md, "Integrity checks at start-up").
 DIGEST_KEY = "content_xxh3_64"
 
 
