@@ -111,6 +111,10 @@ def build_onnx(checkpoint: dict, classifier: tuple, onnx_path: Path, made_from: 
     model_proto = onnx.load(onnx_path)
     facts = model_facts(checkpoint)
     facts = {k: v if isinstance(v, str) else json.dumps(v) for k, v in facts.items()}
+    # Named in the export too, so that a copy served without its run folder (the image) still says which.
+    base_model = checkpoint.get("hyper_parameters", {}).get("model_name_or_path")
+    if isinstance(base_model, str):
+        facts["base_model"] = base_model
     onnx.helper.set_model_props(model_proto, {**facts, **made_from})
     onnx.save(model_proto, onnx_path)
 
@@ -179,15 +183,17 @@ def append_digest(path: Path) -> None:
         f.write(digest_entry(digest))
 
 
-def export_damage(path: Path) -> Optional[str]:
-    """Why the export at path cannot be trusted (its bytes do not match the digest it ends with), or None."""
+EXPORT_DAMAGED = "damaged or made by an older version (its bytes do not match the digest it ends with)"
+
+
+def export_intact(path: Path) -> bool:
+    """Whether the export at path ends with the digest of the bytes before it (see DIGEST_KEY)."""
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
             end = len(data) - DIGEST_ENTRY_LENGTH
-            intact = end > 0 and data[end:] == digest_entry(content_digest(data, end))
+            return end > 0 and data[end:] == digest_entry(content_digest(data, end))
     except (OSError, ValueError):  # ValueError: an empty file cannot be memory-mapped
-        intact = False
-    return None if intact else f"the cached {path} is damaged or made by an older version (its bytes do not match its digest)"
+        return False
 
 
 def checkpoint_identity(checkpoint_path: Path) -> str:
@@ -269,9 +275,8 @@ class CachedExport:
 
         if not path.is_file():
             return None, None
-        damage = export_damage(path)
-        if damage:
-            return None, f"again: {damage}"
+        if not export_intact(path):
+            return None, f"again: the cached {path} is {EXPORT_DAMAGED}"
         try:
             session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
         except Exception:  # onnxruntime's InvalidProtobuf, Fail...: truncated or overwritten

@@ -69,7 +69,7 @@ def test_a_damaged_export_is_exported_again(checkpoint, how, capfd):
     damage_export(export_path, how)
     capfd.readouterr()
     assert probabilities(ColaPredictor(checkpoint, "onnx-int8").predict(SENTENCES)) == pytest.approx(expected, abs=1e-6)
-    rebuilt = f"again: the cached {export_path} is damaged or made by an older version (its bytes do not match its digest)..."
+    rebuilt = f"again: the cached {export_path} is {export.EXPORT_DAMAGED}..."
     assert [line for line in capfd.readouterr().err.splitlines() if line.endswith(rebuilt)], "rebuilt without a word"
     assert {p.name for p in checkpoint.parent.iterdir()} == {"model.ckpt", "model.onnx", "model.int8.onnx"}  # nothing left beside
 
@@ -81,7 +81,7 @@ def test_the_command_line_reexports_a_damaged_export_and_answers_as_before(check
     after = run_inference(checkpoint.parent, "--checkpoint", str(checkpoint), *SENTENCES)
     assert after.returncode == 0 and after.stdout == before.stdout
     assert after.stderr.splitlines() == [f"Exporting model.ckpt to ONNX again: the cached {checkpoint.with_suffix('.onnx')}"
-                                         " is damaged or made by an older version (its bytes do not match its digest)..."]
+                                         f" is {export.EXPORT_DAMAGED}..."]
 
 
 def test_the_digest_is_an_ordinary_metadata_entry_of_the_export(checkpoint):
@@ -153,3 +153,12 @@ def test_a_checkpoint_that_is_no_regular_file_is_one_line(tmp_path):
     os.mkfifo(fifo)  # opening it would wait for a writer forever
     with pytest.raises(CheckpointError, match=f"^{fifo}: not a checkpoint: not a regular file"):
         ColaPredictor(fifo)
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".int8.onnx"])
+def test_a_damaged_export_given_as_the_model_is_refused_in_one_line(checkpoint, suffix):
+    """serve.py and inference.py also run an export alone (the image has no checkpoint): no rebuild possible."""
+    export_path = checkpoint.with_suffix(suffix)
+    damage_export(export_path, "classifier-weights")
+    with pytest.raises(CheckpointError, match=f"^{export_path}: damaged or made by an older version .*; export it again"):
+        ColaPredictor(export_path, "onnx-int8" if suffix == ".int8.onnx" else "onnx")
