@@ -176,12 +176,14 @@ def load_export(path: Path) -> "onnxruntime.InferenceSession":
     """path's ONNX Runtime session; CheckpointError in one line for a file that is not an ONNX model."""
     import onnxruntime
 
-    if path.is_file() and not export_intact(path):  # given as it is, it cannot be exported again here
-        raise CheckpointError(f"{path}: {EXPORT_DAMAGED}; export it again from its checkpoint")
     try:
-        return onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     except Exception as e:  # InvalidProtobuf, NoSuchFile, Fail...
         raise CheckpointError(f"{path}: not a loadable ONNX model (truncated or another format): {first_line(e)}") from None
+    # This project's export (another ONNX model is refused later, as such): given as it is, it cannot be rebuilt.
+    if "checkpoint_sha256" in session.get_modelmeta().custom_metadata_map and not export_intact(path):
+        raise CheckpointError(f"{path}: {EXPORT_DAMAGED}; export it again from its checkpoint")
+    return session
 
 
 def torch_logits_function(classifier) -> Callable[[dict], np.ndarray]:
