@@ -9,6 +9,7 @@ import functools
 import hashlib
 import json
 import logging
+import mmap
 import os
 import shutil
 import sys
@@ -17,9 +18,12 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
+import xxhash
+
 from checkpoints import CheckpointError, first_line, load_checkpoint, resolve_checkpoint
 
 if TYPE_CHECKING:
+    import onnx
     import onnxruntime
 
 
@@ -115,9 +119,27 @@ def build_onnx(checkpoint: dict, classifier: tuple, onnx_path: Path, made_from: 
     onnx.save(model_proto, onnx_path)
 
 
-def build_int8(onnx_path: Path, int8_path: Path) -> None:
-    """The fp32 export with int8 weights; activations are quantized per call (dynamic quantization).
-    The metadata (tokenizer, labels, the checkpoint's sha256) is kept."""
+def int8_source(onnx_path: Path, checkpoint_path: Path) -> "onnx.ModelProto":
+    """The fp32 export (of checkpoint_path, named in errors) as build_int8 takes it: without the fp32 file's
+    digest (the int8 file gets its own), and refused if a weight is NaN or infinite: it has no int8 scale
+    (quantize_dynamic fails with a bare AssertionError)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(onnx_path)
+    kept = [entry for entry in model.metadata_props if entry.key != DIGEST_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    weights = (numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
+    if not all(np.isfinite(w).all() for w in weights):
+        raise CheckpointError(f"{checkpoint_path}: its weights hold NaN or infinity (damaged), which int8 cannot quantize; pick another checkpoint")
+    return model
+
+
+def build_int8(model: "onnx.ModelProto", int8_path: Path) -> None:
+    """The fp32 export (int8_source's) with int8 weights; activations are quantized per call (dynamic
+    quantization). The metadata (tokenizer, labels, the checkpoint's sha256) is kept."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # quantize_dynamic advises quant_pre_process first: on this export its shape inference fails, and with
@@ -125,7 +147,53 @@ def build_int8(onnx_path: Path, int8_path: Path) -> None:
     with quiet_libraries():
         # Unsigned weights: on MiniLM (AVX2 CPU) signed ones cost 0.03 of CoLA val MCC, unsigned 0.007;
         # per-channel scales or reduce_range did no better.
-        quantize_dynamic(onnx_path, int8_path, weight_type=QuantType.QUInt8)
+        quantize_dynamic(model, int8_path, weight_type=QuantType.QUInt8)
+
+
+# An export carries a digest of its own bytes, checked on every load: ONNX Runtime checks none, and changed
+# weights would serve wrong answers without a word. The digest is the last metadata entry: protobuf reads
+# an entry appended to a serialized model as one more, so the file is its content, then the digest of that
+# content. xxh3-64, not sha256: this finds damage, not forgery (whoever can write the export can write its
+# digest), and on MiniLM's 92 MB it took 0.004-0.02 s, CRC-32 0.09-0.14 s, sha256 0.23-0.27 s
+# (benchmarks/README.md, "Integrity checks at start-up").
+DIGEST_KEY = "content_xxh3_64"
+
+
+def digest_entry(digest: str) -> bytes:
+    """{DIGEST_KEY: digest} as the serialized ModelProto field metadata_props (14, length-delimited) holding a
+    StringStringEntryProto (key: field 1, value: field 2); every length here is below 128, one byte."""
+    key, value = DIGEST_KEY.encode(), digest.encode()
+    entry = bytes([0x0A, len(key)]) + key + bytes([0x12, len(value)]) + value
+    return bytes([14 << 3 | 2, len(entry)]) + entry
+
+
+DIGEST_ENTRY_LENGTH = len(digest_entry("0" * 16))
+
+
+def content_digest(data, end: int) -> str:
+    with memoryview(data)[:end] as content:  # no copy; released before the memory map closes
+        return xxhash.xxh3_64_hexdigest(content)
+
+
+def append_digest(path: Path) -> None:
+    """Append the digest entry of the export at path (see DIGEST_KEY)."""
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        digest = content_digest(data, len(data))
+        f.seek(0, os.SEEK_END)
+        f.write(digest_entry(digest))
+
+
+EXPORT_DAMAGED = "damaged or made by an older version (its bytes do not match the digest it ends with)"
+
+
+def export_intact(path: Path) -> bool:
+    """Whether the export at path ends with the digest of the bytes before it (see DIGEST_KEY)."""
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            end = len(data) - DIGEST_ENTRY_LENGTH
+            return end > 0 and data[end:] == digest_entry(content_digest(data, end))
+    except (OSError, ValueError):  # ValueError: an empty file cannot be memory-mapped
+        return False
 
 
 def checkpoint_identity(checkpoint_path: Path) -> str:
@@ -153,8 +221,9 @@ def writable(folder: Path) -> bool:
 class CachedExport:
     """The ONNX export of one checkpoint, and its int8 copy, each checked against the checkpoint's content.
 
-    An export carries the checkpoint's sha256 (and its file identity, to skip hashing) in its metadata:
-    a cache that does not load, or that was made from other weights, is rebuilt, saying so in one line.
+    An export carries the checkpoint's sha256 (and its file identity, to skip hashing) in its metadata, and
+    ends with a digest of its own bytes (append_digest): a cache whose bytes changed, that does not load, or
+    that was made from other weights, is rebuilt, saying so in one line.
     Beside the checkpoint if that folder is writable (or already holds a good export), else in the user's
     cache folder under the checkpoint's sha256 (so a read-only folder costs one hash, ~0.12 s for 90 MB,
     per start: the name of its cached export)."""
@@ -180,9 +249,12 @@ class CachedExport:
             if session:
                 return path, session
             reason = cache_reason or reason
+        if path.exists() and not path.is_file():  # the export could never replace it
+            raise CheckpointError(f"{path}: a folder or other non-file is where the ONNX export of {self.checkpoint_path.name} goes; move it away")
         if int8:
             fp32_path, _ = self.session()
-            build = lambda p: build_int8(fp32_path, p)  # noqa: E731
+            model = int8_source(fp32_path, self.checkpoint_path)  # NaN weights fail here, before the line below
+            build = lambda p: build_int8(model, p)  # noqa: E731
             action = f"Quantizing {fp32_path.name} to int8"
         else:
             made_from = self.metadata()  # hashed before loading: weights changed meanwhile show as a mismatch
@@ -203,6 +275,8 @@ class CachedExport:
 
         if not path.is_file():
             return None, None
+        if not export_intact(path):
+            return None, f"again: the cached {path} is {EXPORT_DAMAGED}"
         try:
             session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
         except Exception:  # onnxruntime's InvalidProtobuf, Fail...: truncated or overwritten
@@ -217,8 +291,9 @@ class CachedExport:
 
 
 def write_atomically(path: Path, build: Callable[[Path], None]) -> None:
-    """build() writes a temporary file beside path, which then replaces path in one step: a concurrent or
-    interrupted run never sees half a file, and an interrupted or failed build leaves nothing behind."""
+    """build() writes a temporary file beside path, ended with its digest, which then replaces path in one
+    step: a concurrent or interrupted run never sees half a file, and an interrupted or failed build leaves
+    nothing behind."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError:
@@ -231,6 +306,7 @@ def write_atomically(path: Path, build: Callable[[Path], None]) -> None:
     tmp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         build(tmp_path)
+        append_digest(tmp_path)
         os.replace(tmp_path, path)
     except OSError as e:  # a full disk, say
         raise CheckpointError(f"cannot write the ONNX export {path}: {e.strerror or e}") from None

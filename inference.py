@@ -12,7 +12,8 @@ Start-up time is the point of this file's shape: importing torch and transformer
 on a 2-core machine, onnxruntime and tokenizers ~0.3 s. So the first use of a checkpoint exports
 its model to ONNX beside it (`best-....onnx`, with the tokenizer, labels and the checkpoint's sha256
 in its metadata; in ~/.cache/mlops-one/ if the run folder is read-only), and every later run loads
-only that, after checking that it was made from this checkpoint's content (export.CachedExport). `--backend onnx-int8` runs a copy with int8 weights instead (CPUs:
+only that, after checking that its bytes are as written and that it was made from this checkpoint's
+content (export.CachedExport). `--backend onnx-int8` runs a copy with int8 weights instead (CPUs:
 faster, probabilities ~0.02 off), `--backend torch` runs the checkpoint in PyTorch (GPUs).
 
 --checkpoint also takes that export itself (a .onnx file, or a folder holding it and perhaps its .int8.onnx
@@ -31,7 +32,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from checkpoints import CheckpointError, find_best_checkpoint, first_line, load_checkpoint, resolve_checkpoint
-from export import CachedExport, export_hf, load_classifier, model_facts
+from export import EXPORT_DAMAGED, CachedExport, export_hf, export_intact, load_classifier, model_facts
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -177,9 +178,13 @@ def load_export(path: Path) -> "onnxruntime.InferenceSession":
     import onnxruntime
 
     try:
-        return onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     except Exception as e:  # InvalidProtobuf, NoSuchFile, Fail...
         raise CheckpointError(f"{path}: not a loadable ONNX model (truncated or another format): {first_line(e)}") from None
+    # This project's export (another ONNX model is refused later, as such): given as it is, it cannot be rebuilt.
+    if "checkpoint_sha256" in session.get_modelmeta().custom_metadata_map and not export_intact(path):
+        raise CheckpointError(f"{path}: {EXPORT_DAMAGED}; export it again from its checkpoint")
+    return session
 
 
 def torch_logits_function(classifier) -> Callable[[dict], np.ndarray]:

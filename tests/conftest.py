@@ -12,6 +12,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import pytest
+import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
 WORDS = "the a boy girl dog cat sat ran saw is was on under bench mat park big small quickly".split()
@@ -90,6 +91,23 @@ def trained(tmp_path_factory, tiny_model_dir, tiny_data_dir) -> tuple[Path, subp
     return workdir, result
 
 
+@pytest.fixture(scope="session")
+def input_sensitive_checkpoint(tiny_model_dir, tmp_path_factory):
+    """The tiny BERT with large random weights, as a checkpoint of this project. The briefly trained one
+    gives every sentence the same probability to 4 decimals, too flat to show whether int8 follows fp32."""
+    labels = {0: "unacceptable", 1: "acceptable"}
+    config = BertConfig.from_pretrained(tiny_model_dir, initializer_range=0.2, id2label=labels)
+    torch.manual_seed(0)
+    weights = BertForSequenceClassification(config).state_dict()
+    path = tmp_path_factory.mktemp("sensitive") / "random.ckpt"
+    torch.save({
+        "hf_config": config.to_dict(),
+        "tokenizer_files": {f.name: f.read_text() for f in tiny_model_dir.glob("tokenizer*.json")},
+        "state_dict": {f"model.{name}": tensor for name, tensor in weights.items()},
+    }, path)
+    return path
+
+
 def save_tiny_distilbert(model_dir: Path, tiny_model_dir: Path) -> Path:
     """A DistilBERT (its own classification head: pre_classifier, then classifier) with the tiny tokenizer."""
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
@@ -99,3 +117,15 @@ def save_tiny_distilbert(model_dir: Path, tiny_model_dir: Path) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_model_dir / name, model_dir / name)
     return model_dir
+
+
+def flip_bytes(path: Path, inside: bytes | None = None, at: int | None = None, count: int = 64) -> None:
+    """Damage path as a bad disk or copy would: invert count bytes in the middle of its one copy of the bytes
+    inside (a tensor's, say), or from offset at."""
+    data = bytearray(path.read_bytes())
+    if inside is not None:
+        at = data.find(inside)
+        assert at >= 0 and data.find(inside, at + 1) < 0, "the bytes to damage are not in the file exactly once"
+        at += (len(inside) - count) // 2
+    data[at : at + count] = bytes(b ^ 0xFF for b in data[at : at + count])
+    path.write_bytes(bytes(data))

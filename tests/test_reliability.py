@@ -25,7 +25,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import callbacks
 import checkpoints
 import train
-from conftest import REPO, tiny_train_args
+from conftest import REPO, flip_bytes, tiny_train_args
 from data import ColaDataModule
 from hub import HubError
 from model import ColaModel
@@ -257,7 +257,8 @@ class Exploit:
     "kind, message",
     [
         ("missing", "checkpoint not found"),
-        ("truncated", "not a loadable checkpoint"),
+        ("truncated", "not a checkpoint: not the zip archive that torch.save writes"),
+        ("damaged-in-its-middle", "damaged: the bytes of archive/data/"),
         ("pickled-code", "not a loadable checkpoint"),
         ("foreign", "not a checkpoint of this project"),
         ("weights-only", "holds model weights only, no training state to resume from"),
@@ -270,6 +271,9 @@ def test_resuming_from_a_bad_checkpoint_is_refused_in_one_line(trained, tmp_path
     if kind == "truncated":
         data = (workdir / "logs/cola/version_0/checkpoints/last.ckpt").read_bytes()
         path.write_bytes(data[: len(data) // 2])
+    elif kind == "damaged-in-its-middle":  # resumed and ran, exit 0, or 60 lines of traceback, before
+        shutil.copy(workdir / "logs/cola/version_0/checkpoints/last.ckpt", path)
+        flip_bytes(path, at=path.stat().st_size // 2)
     elif kind == "pickled-code":
         torch.save({**good, "hf_config": Exploit()}, path)
     elif kind == "foreign":
