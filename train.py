@@ -23,7 +23,7 @@ try:  # torch and Lightning take seconds to import: a Ctrl-C meanwhile is one li
     import torch
     from jsonargparse import Namespace
     from pytorch_lightning import Trainer
-    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor, Timer
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, Timer
     from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
     from pytorch_lightning.plugins.io import TorchCheckpointIO
     from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -31,7 +31,7 @@ try:  # torch and Lightning take seconds to import: a Ctrl-C meanwhile is one li
 
     from callbacks import (
         AtomicCheckpointIO, EarlyStoppingAfterWarmup, MidEpochCheckpoint, ResumeInRunFolder, SanityChecks, StopOnSignal,
-        StoppedBySignal,
+        StoppedBySignal, TrainingThroughput,
     )
     from checkpoints import (
         SLURM_JOB_FILE, CheckpointError, check_resumable, claim_run_version, newest_checkpoint, requeued_slurm_run,
@@ -46,8 +46,6 @@ except KeyboardInterrupt:
 
 RUN_VERSION_ENV = "COLA_RUN_VERSION"  # rank zero's run folder, for the DDP processes Lightning starts
 
-# ThroughputMonitor would also report FLOPs if the model declared them; samples and tokens per second suffice.
-warnings.filterwarnings("ignore", message=".*`flops_per_batch`.*")
 # Lightning suggests DataLoader workers; on small CPUs they compete with training for cores (see data.py).
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 # Lightning 2.6 on torch 2.13: a deprecation inside Lightning's own pytree helper, nothing a user can act on.
@@ -96,6 +94,7 @@ class ColaCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
+        parser.link_arguments("model.compile", "data.pad_to_buckets")  # few shapes to compile
         parser.add_argument("--ckpt_path", type=Optional[str], default=None, help="Resume training from this last.ckpt.")
         parser.add_argument(
             "--save_last_every_minutes", type=Optional[float], default=10.0,
@@ -252,10 +251,7 @@ def main() -> None:
             },
             "callbacks": [
                 LearningRateMonitor(logging_interval="step"),
-                ThroughputMonitor(
-                    batch_size_fn=lambda batch: batch["input_ids"].size(0),
-                    length_fn=lambda batch: int(batch["attention_mask"].sum()),  # real (unpadded) tokens
-                ),
+                TrainingThroughput(),
                 timer,
                 StopOnSignal(),
                 ResumeInRunFolder(),
