@@ -128,7 +128,7 @@ class ColaModel(pl.LightningModule):
         head_learning_rate: learning rate of the new, randomly initialised classifier (None: learning_rate).
         pooling: how a sentence becomes one vector for the classifier: "cls" or "mean" (see sentence_logits).
         freeze_word_embeddings: keep the pretrained word vectors as they are (position and type vectors train).
-        compile: run the forward and backward passes through torch.compile (on CUDA with CUDA graphs,
+        compile: run training steps' forward and backward passes through torch.compile (on CUDA with CUDA graphs,
             mode="reduce-overhead": one launch per step instead of hundreds of kernel launches); train.py then pads
             sentences to a few lengths (--data.pad_to_buckets) so that few shapes compile. Exports and
             checkpoints are those of the plain model.
@@ -197,7 +197,7 @@ class ColaModel(pl.LightningModule):
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, cross-entropy loss) of a batch with labels."""
-        if not self.hparams.compile:
+        if not (self.hparams.compile and self.training):  # validation is short: not worth a second compilation
             return logits_and_loss(self.model, self.hparams.pooling, batch)
         if self._compiled_logits_and_loss is None:
             mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs exist only there

@@ -123,18 +123,28 @@ def test_the_guard_also_stops_before_a_checkpoint_is_saved(monkeypatch, tiny_mod
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
-def test_compiled_model_computes_the_eager_loss(tiny_model_dir, tiny_data_dir):
+def test_compiled_model_computes_the_eager_loss_and_gradients(tiny_model_dir, tiny_data_dir):
     datamodule = make_datamodule(tiny_model_dir, tiny_data_dir, batch_size=8, pad_to_buckets=True)
     batch = next(iter(datamodule.train_dataloader()))
     torch.manual_seed(0)
-    eager = ColaModel(model_name_or_path=str(tiny_model_dir)).eval()
-    compiled = ColaModel(model_name_or_path=str(tiny_model_dir), compile=True).eval()
+    eager = ColaModel(model_name_or_path=str(tiny_model_dir))
+    compiled = ColaModel(model_name_or_path=str(tiny_model_dir), compile=True)
     compiled.load_state_dict(eager.state_dict())
-    with torch.no_grad():
-        (eager_logits, eager_loss), (logits, loss) = eager(batch), compiled(batch)
+    results = []
+    for model in (eager, compiled):  # training mode (what compiles), dropout off (its random masks differ)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        logits, loss = model(batch)
+        loss.backward()
+        results.append((logits, loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     assert compiled._compiled_logits_and_loss is not None  # it did compile
+    (eager_logits, eager_loss, eager_grads), (logits, loss, grads) = results
     torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == eager_grads.keys() and len(grads) > 10
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
 def test_a_compiled_run_trains_checkpoints_resumes_and_exports(tmp_path, tiny_model_dir, tiny_data_dir):
