@@ -20,7 +20,8 @@ PYTHON=${PYTHON:-python3}
 
 if [ "${1:-}" = prepare ]; then
     tiny=${2:-}
-    printf '/.whl/\n/.carry/\n' >> .git/info/exclude
+    exclude=$(git rev-parse --git-path info/exclude) && mkdir -p "$(dirname "$exclude")" || exit 1
+    grep -qx /.carry/ "$exclude" 2>/dev/null || printf '/.whl/\n/.carry/\n' >> "$exclude"  # (in a worktree too)
     rm -rf .carry .whl && mkdir -p .carry/cola .carry/tokenizer || exit 1
     if [ "$tiny" = --tiny ]; then  # CoLA-like files and a WordPiece vocabulary that covers them
         PYTHONPATH=tests $PYTHON - <<'EOF' || exit 1
