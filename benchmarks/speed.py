@@ -165,6 +165,7 @@ def run_hf(name: str, settings: Settings, workdir: Path) -> dict:
         eval_strategy="no",  # the timed epoch is training steps only
         bf16=settings.precision == "bf16-mixed",
         tf32=torch.cuda.is_available() or None,  # as train.py: TF32 matrix products on GPUs
+        use_cpu=not torch.cuda.is_available(),  # without it the Trainer refuses bf16 on a CPU (gpu_check.sh --dry-run)
         dataloader_pin_memory=torch.cuda.is_available(),  # as data.py
         logging_steps=10,  # train.py's log_every_n_steps
         optim="adamw_torch_fused",  # model.py's fused AdamW (the Trainer's default too, in transformers 5)
