@@ -100,8 +100,10 @@ class TrainingThroughput(Callback):
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)  # the queued steps belong in this window
         seconds = time.perf_counter() - self._started
-        pl_module.log_dict({"train/samples_per_sec": self._samples / seconds, "train/tokens_per_sec": self._tokens / seconds},
-                           on_step=True, on_epoch=False, batch_size=1)
+        # Straight to the loggers, as ThroughputMonitor did: a timing is no metric for callbacks or metrics.json.
+        rates = {"train/samples_per_sec": self._samples / seconds, "train/tokens_per_sec": float(self._tokens) / seconds}
+        for logger in trainer.loggers:
+            logger.log_metrics(rates, step=trainer.global_step)
         self._restart()
 
 
