@@ -107,6 +107,10 @@ def build_onnx(checkpoint: dict, classifier: tuple, onnx_path: Path, made_from: 
     model_proto = onnx.load(onnx_path)
     facts = model_facts(checkpoint)
     facts = {k: v if isinstance(v, str) else json.dumps(v) for k, v in facts.items()}
+    # Named in the export too, so that a copy served without its run folder (the image) still says which.
+    base_model = checkpoint.get("hyper_parameters", {}).get("model_name_or_path")
+    if isinstance(base_model, str):
+        facts["base_model"] = base_model
     onnx.helper.set_model_props(model_proto, {**facts, **made_from})
     onnx.save(model_proto, onnx_path)
 

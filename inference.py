@@ -13,6 +13,9 @@ its model to ONNX beside it (`best-....onnx`, with the tokenizer, labels and the
 in its metadata; in ~/.cache/mlops-one/ if the run folder is read-only), and every later run loads
 only that, after checking that it was made from this checkpoint's content (export.CachedExport). `--backend onnx-int8` runs a copy with int8 weights instead (CPUs:
 faster, probabilities ~0.02 off), `--backend torch` runs the checkpoint in PyTorch (GPUs).
+
+--checkpoint also takes that export itself (a .onnx file, or a folder holding it and perhaps its .int8.onnx
+copy): then neither torch, Lightning nor transformers is needed, only requirements-serve.txt (the image).
 """
 
 import argparse
@@ -21,13 +24,16 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator, Optional
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from checkpoints import CheckpointError, find_best_checkpoint, load_checkpoint, resolve_checkpoint
+from checkpoints import CheckpointError, find_best_checkpoint, first_line, load_checkpoint, resolve_checkpoint
 from export import CachedExport, export_hf, load_classifier, model_facts
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 BATCH_SIZE = 64
 CHUNK_LINES = 10_000  # --file and stdin are read, predicted and printed this many lines at a time: flat memory
@@ -45,14 +51,18 @@ class ColaPredictor:
     backend "onnx" (default) runs the cached ONNX export on CPU with ONNX Runtime; "onnx-int8" its cached
     int8-weight copy (faster on CPU; probabilities ~0.02 off, and shifting a little with the batch a
     sentence is in); "torch" runs the checkpoint in PyTorch, on the GPU when there is one.
+    checkpoint_path may also be an export itself (resolve_model): no PyTorch is imported then.
     """
 
     def __init__(self, checkpoint_path: str | Path, backend: str = "onnx") -> None:
         if backend not in BACKENDS:
             raise InputError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-        path = resolve_checkpoint(Path(checkpoint_path))
-        if backend != "torch":
+        path = resolve_model(Path(checkpoint_path), backend)
+        if path.suffix == ".onnx":
+            session = load_export(path)
+        elif backend != "torch":
             _, session = CachedExport(path).session(int8=backend == "onnx-int8")
+        if backend != "torch":
             facts = session.get_modelmeta().custom_metadata_map
             self.input_names = [i.name for i in session.get_inputs()]
             self._logits: Callable[[dict], np.ndarray] = lambda inputs: session.run(["logits"], inputs)[0]
@@ -62,10 +72,15 @@ class ColaPredictor:
             classifier, tokenizer = load_classifier(checkpoint)
             self.input_names = tokenizer.model_input_names
             self._logits = torch_logits_function(classifier)
-        self.labels = facts["labels"] if isinstance(facts["labels"], list) else json.loads(facts["labels"])
-        self.max_length = int(facts["max_length"])
-        self.pad_token_id = int(facts["pad_token_id"])
-        self.tokenizer = Tokenizer.from_str(facts["tokenizer"])
+        try:
+            self.labels = facts["labels"] if isinstance(facts["labels"], list) else json.loads(facts["labels"])
+            self.max_length = int(facts["max_length"])
+            self.pad_token_id = int(facts["pad_token_id"])
+            self.tokenizer = Tokenizer.from_str(facts["tokenizer"])
+            self.base_model: Optional[str] = facts.get("base_model")  # exports since the image: what /health names
+        except Exception:  # KeyError, ValueError, the tokenizer's own: an ONNX file that inference.py did not write
+            raise CheckpointError(f"{path}: not an export of this project (no labels or tokenizer in its metadata);"
+                                  " export a checkpoint with inference.py --checkpoint CKPT") from None
         self.tokenizer.enable_truncation(self.max_length)
         self.tokenizer.no_padding()
 
@@ -133,6 +148,37 @@ class ColaPredictor:
             arrays["input_ids"][row, :n], arrays["attention_mask"][row, :n] = e.ids, 1
             arrays["token_type_ids"][row, :n] = e.type_ids
         return {name: arrays[name] for name in self.input_names}
+
+
+def resolve_model(path: Path, backend: str = "onnx") -> Path:
+    """An exported model (a .onnx file, run as it is; or in a folder of exports, the one for backend:
+    NAME.int8.onnx for onnx-int8, the other one otherwise), else the checkpoint resolve_checkpoint finds."""
+    if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):  # a mounted folder, say: one line, no traceback
+        raise CheckpointError(f"{path}: this folder is not readable by user id {os.getuid()}; chmod -R a+rX it")
+    exports = sorted(path.glob("*.onnx")) if path.is_dir() else [path] if path.suffix == ".onnx" else []
+    if not exports:
+        return resolve_checkpoint(path)
+    if backend == "torch":
+        raise InputError(f"{path}: --backend torch runs a checkpoint (.ckpt), not an ONNX export")
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise CheckpointError(f"{path}: exported model not found")
+    matching = [p for p in exports if p.name.endswith(".int8.onnx") == (backend == "onnx-int8")]
+    if len(matching) != 1:
+        names = ", ".join(p.name for p in exports)
+        raise CheckpointError(f"{path}: {len(matching)} exports for --backend {backend} here ({names}); give the .onnx file")
+    return matching[0]
+
+
+def load_export(path: Path) -> "onnxruntime.InferenceSession":
+    """path's ONNX Runtime session; CheckpointError in one line for a file that is not an ONNX model."""
+    import onnxruntime
+
+    try:
+        return onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    except Exception as e:  # InvalidProtobuf, NoSuchFile, Fail...
+        raise CheckpointError(f"{path}: not a loadable ONNX model (truncated or another format): {first_line(e)}") from None
 
 
 def torch_logits_function(classifier) -> Callable[[dict], np.ndarray]:
@@ -220,7 +266,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sentences", nargs="*", help="sentences to classify; '-' reads them from standard input")
     parser.add_argument("--file", help="a UTF-8 text file, one sentence per line")
-    parser.add_argument("--checkpoint", type=Path, help="a .ckpt file, a run folder or a folder of runs (default: logs/cola)")
+    parser.add_argument("--checkpoint", type=Path, help="a .ckpt file, a run folder, a folder of runs (default: logs/cola),"
+                        " or an export: a .onnx file or a folder holding it")
     parser.add_argument("--json", action="store_true", help="one JSON object per input line")
     parser.add_argument("--batch_size", type=int, default=BATCH_SIZE)
     parser.add_argument("--backend", choices=BACKENDS, default="onnx", help="torch uses the GPU if present")

@@ -1,21 +1,25 @@
 """Serve a checkpoint trained by train.py over HTTP, with a page to try sentences on. Offline.
 
     python serve.py                          # best checkpoint of the latest run, http://127.0.0.1:8000
+    python serve.py --checkpoint model/      # its ONNX export alone: no PyTorch (requirements-serve.txt, Dockerfile)
     curl -s http://127.0.0.1:8000/predict -H 'Content-Type: application/json' \\
         -d '{"sentences": ["The boy is sitting on a bench.", "Him sat bench."]}'
 
 POST /predict answers one result per sentence, in order: the objects `python inference.py --json`
 prints. GET /health says which checkpoint is served; GET / is the page (serve.html); /docs is
-FastAPI's API documentation. Sentences of concurrent requests share model calls (MicroBatcher).
+FastAPI's API documentation (its scripts served from here: it works offline); /metrics is for
+Prometheus (metrics.py). Sentences of concurrent requests share model calls (MicroBatcher), and
+beyond --max_queue waiting sentences a request is refused with 503 rather than queued.
 """
 
 import argparse
 import asyncio
-import functools
 import json
 import os
 import re
+import signal
 import sys
+import tempfile
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,13 +29,18 @@ import uvicorn
 import yaml
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
+from prometheus_client import Gauge
 from pydantic import BaseModel, ConfigDict
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.supervisors import Multiprocess
 
-from checkpoints import CheckpointError, find_best_checkpoint, resolve_checkpoint
-from inference import BACKENDS, ColaPredictor, InputError
+from checkpoints import CheckpointError, find_best_checkpoint, run_folder_of
+from export import file_sha256
+from inference import BACKENDS, ColaPredictor, InputError, resolve_model
+from metrics import CLIENT_GONE, CONTENT_TYPE, MULTIPROCESS_DIR, RequestMetrics, ServeMetrics
 
 PAGE = Path(__file__).resolve().parent / "serve.html"
 # What loading a checkpoint raises for a file or folder that cannot be served: one line, exit 1.
@@ -41,6 +50,11 @@ START_UP_ERRORS = (InputError, CheckpointError)
 # sentences/s in one slice of 32, 1.7-1.8x in slices of 8 or 16).
 MODEL_BATCH_SIZE = 8
 SETTINGS_VARIABLE = "COLA_SERVE_SETTINGS"  # how --workers N hands the settings to its worker processes
+RETRY_AFTER_S = 1  # what a 503 tells the client to wait: the queue it found full empties in ~0.2 s
+# On SIGTERM, requests in flight finish, but a connection that never completes its request (a stalled
+# upload) would hold the shutdown forever: after this many seconds the rest are cancelled and the server
+# exits. Well inside `docker stop`'s 10 s and Kubernetes' 30 s before they kill.
+GRACEFUL_SHUTDOWN_S = 5
 
 
 @dataclass
@@ -55,7 +69,20 @@ class Settings:
     max_body_bytes: int = 256 * 1024
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
+    # Sentences waiting for a model call beyond which a request gets 503: one full call's worth. MiniLM-L6
+    # on 2 cores serves ~400 sentences/s (benchmarks/README.md), so a queued sentence waits ~0.08 s for the
+    # call running ahead of it and at most ~0.08 s more in the queue: under 0.2 s, and 32 one-sentence
+    # clients are never refused. Unbounded, 256 clients saw a p99 of 0.83 s (6x the 32 clients' p99).
+    max_queue: int = 32
     batching: bool = True
+
+
+class QueueFull(Exception):
+    """A request that would make the batcher's queue longer than max_queue sentences: refused, not queued."""
+
+    def __init__(self, queued: int) -> None:
+        super().__init__(f"{queued} sentences are waiting already")
+        self.queued = queued
 
 
 class MicroBatcher:
@@ -67,19 +94,34 @@ class MicroBatcher:
     sentences, waiting at most max_wait_ms after the first for more to come (0: no waiting, only those
     already queued). A request is never split; one larger than max_batch_size is a call of its own.
     Calls run in a worker thread, so the event loop keeps accepting requests meanwhile.
+    At most max_queue sentences wait (a request alone in the queue is taken whatever its size): beyond,
+    predict() raises QueueFull. A request cancelled while it waits (its client went away) is dropped
+    unclassified.
     """
 
-    def __init__(self, predict: Callable[[list[str]], list[dict]], max_batch_size: int, max_wait_ms: float) -> None:
+    def __init__(self, predict: Callable[[list[str]], list[dict]], max_batch_size: int, max_wait_ms: float,
+                 max_queue: int = Settings.max_queue, queue_depth: Optional[Gauge] = None) -> None:
         self.predict_batch = predict
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000
+        self.max_queue = max_queue
+        self.queued = 0  # sentences waiting, the held-back request's included
+        self.queue_depth = queue_depth
         self.queue: asyncio.Queue[tuple[list[str], asyncio.Future]] = asyncio.Queue()
         self.held_back: Optional[tuple[list[str], asyncio.Future]] = None  # would have overfilled the last batch
 
     async def predict(self, sentences: list[str]) -> list[dict]:
+        if self.queued and self.queued + len(sentences) > self.max_queue:
+            raise QueueFull(self.queued)
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put((sentences, future))
-        return await future
+        self.queue.put_nowait((sentences, future))
+        self.count_queued(len(sentences))
+        return await future  # cancelling the caller cancels the future: gather() then drops the request
+
+    def count_queued(self, change: int) -> None:
+        self.queued += change
+        if self.queue_depth:
+            self.queue_depth.set(self.queued)
 
     async def run(self) -> None:
         """Forever: gather a batch, run it in a thread, hand out the results."""
@@ -100,23 +142,32 @@ class MicroBatcher:
                 start += len(job_sentences)
 
     async def gather(self) -> list[tuple[list[str], asyncio.Future]]:
-        first = self.held_back or await self.queue.get()
-        self.held_back = None
-        jobs, size = [first], len(first[0])
-        deadline = asyncio.get_running_loop().time() + self.max_wait_s
+        loop = asyncio.get_running_loop()
+        jobs: list[tuple[list[str], asyncio.Future]] = []
+        size, deadline = 0, 0.0
         while size < self.max_batch_size:
-            if not self.queue.empty():  # those that came while the model was busy: no waiting for them
+            if self.held_back:
+                job, self.held_back = self.held_back, None
+            elif not self.queue.empty():  # those that came while the model was busy: no waiting for them
                 job = self.queue.get_nowait()
+            elif not jobs:
+                job = await self.queue.get()
             else:
                 try:
-                    job = await asyncio.wait_for(self.queue.get(), deadline - asyncio.get_running_loop().time())
+                    job = await asyncio.wait_for(self.queue.get(), deadline - loop.time())
                 except TimeoutError:
                     break
-            if size + len(job[0]) > self.max_batch_size:
+            if job[1].done():  # cancelled while it waited: its client went away, it costs no model time
+                self.count_queued(-len(job[0]))
+                continue
+            if jobs and size + len(job[0]) > self.max_batch_size:
                 self.held_back = job
                 break
+            if not jobs:
+                deadline = loop.time() + self.max_wait_s
             jobs.append(job)
             size += len(job[0])
+            self.count_queued(-len(job[0]))
         return jobs
 
 
@@ -156,19 +207,31 @@ class PredictRequest(BaseModel):
 
 
 def checkpoint_facts(checkpoint: Path) -> dict:
-    """What /health reports, read without loading the checkpoint: its val MCC from its file name
-    (train.py's best-epoch=E-val_mcc=M.ckpt) and the model from its run folder's hparams.yaml."""
-    mcc = re.search(r"val_mcc=(-?[0-9.]+?)(?:-v\d+)?\.ckpt$", checkpoint.name)
-    hparams_file = checkpoint.parent.parent / "hparams.yaml"
+    """What /health, the page and /metrics say of the model, read without loading it, and naming no path of
+    this machine: the checkpoint (or export) by run folder and file name (cola/version_0/best-....ckpt), the
+    start of the served file's sha256, its val MCC from its file name (train.py's best-epoch=E-val_mcc=M.ckpt)
+    and the base model from its run folder's hparams.yaml (a local folder by its last two names)."""
+    run = run_folder_of(checkpoint)
+    mcc = re.search(r"val_mcc=(-?[0-9.]+?)(?:-v\d+)?\.(?:ckpt|onnx|int8\.onnx)$", checkpoint.name)
     try:
-        hparams = yaml.safe_load(hparams_file.read_text(encoding="utf-8"))
+        hparams = yaml.safe_load((checkpoint.parent.parent / "hparams.yaml").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):  # none, or damaged: /health says model null
         hparams = None
+    model = hparams.get("model_name_or_path") if isinstance(hparams, dict) else None
+    if isinstance(model, str) and Path(model).expanduser().is_absolute():
+        model = "/".join(Path(model).parts[-2:])
     return {
-        "checkpoint": str(checkpoint),
+        "checkpoint": f"{run.parent.name}/{run.name}/{checkpoint.name}" if run else checkpoint.name,
+        "sha256": file_sha256(checkpoint)[:12],  # ~0.1 s for MiniLM's 90 MB, once per start
         "val_mcc": float(mcc.group(1)) if mcc else None,
-        "model": hparams.get("model_name_or_path") if isinstance(hparams, dict) else None,
+        "model": model if isinstance(model, str) else None,
     }
+
+
+async def client_gone(request: Request) -> None:
+    """Returns once the client has closed its connection (its request body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def validation_message(error: dict) -> str:
@@ -180,19 +243,29 @@ def validation_message(error: dict) -> str:
 def create_app(predictor: ColaPredictor, settings: Settings) -> FastAPI:
     """The API and the page, serving predictor; the batcher runs while the app does (its lifespan)."""
     facts = checkpoint_facts(Path(settings.checkpoint))
+    facts["model"] = facts["model"] or getattr(predictor, "base_model", None)  # an export without its run folder
     batch_size, wait_ms = (settings.max_batch_size, settings.max_wait_ms) if settings.batching else (1, 0)
+    metrics = ServeMetrics({name: "" if value is None else str(value) for name, value in facts.items()})
+
+    def predict_batch(sentences: list[str]) -> list[dict]:
+        with metrics.model_seconds.time():
+            results = predictor.predict(sentences, batch_size=MODEL_BATCH_SIZE)
+        metrics.batch_size.observe(len(sentences))
+        return results
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        predict = functools.partial(predictor.predict, batch_size=MODEL_BATCH_SIZE)
-        app.state.batcher = MicroBatcher(predict, batch_size, wait_ms)
+        app.state.batcher = MicroBatcher(predict_batch, batch_size, wait_ms, settings.max_queue, metrics.queued)
         task = asyncio.create_task(app.state.batcher.run())
         app.state.ready = True
         yield
         app.state.ready = False
         task.cancel()
+        metrics.process_ended()
 
-    app = FastAPI(
+    # FastAPIOffline: FastAPI, with /docs's Swagger UI (and /redoc) served from an installed package rather
+    # than a CDN, so the API documentation works offline.
+    app = FastAPIOffline(
         title="CoLA grammaticality", lifespan=lifespan,
         description="Is an English sentence grammatical? A classifier trained on CoLA by train.py.",
     )
@@ -213,10 +286,11 @@ def create_app(predictor: ColaPredictor, settings: Settings) -> FastAPI:
         return JSONResponse({"detail": f"the model failed on this batch ({type(exc).__name__})"}, status_code=500)
 
     @app.post("/predict")
-    async def predict(request: PredictRequest) -> list[dict]:
+    async def predict(body: PredictRequest, request: Request) -> list[dict]:
         """One result per sentence, in order: {"sentence", "label", "probabilities": {label: p}},
-        or {"sentence", "error"} for an empty one or a non-finite model output."""
-        sentences = request.sentences
+        or {"sentence", "error"} for an empty one or a non-finite model output. 503 with Retry-After when
+        the server has more sentences waiting than it can answer in a few hundred milliseconds."""
+        sentences = body.sentences
         if len(sentences) > settings.max_sentences:
             raise HTTPException(413, f"{len(sentences)} sentences: at most {settings.max_sentences} per request")
         for i, sentence in enumerate(sentences):
@@ -226,17 +300,37 @@ def create_app(predictor: ColaPredictor, settings: Settings) -> FastAPI:
                 sentence.encode("utf-8")
             except UnicodeEncodeError:  # JSON can spell a lone surrogate (\ud800), which is not text
                 raise HTTPException(422, f"sentences[{i}]: not valid Unicode text (a lone surrogate)") from None
-        return await app.state.batcher.predict(sentences)
+        answer = asyncio.ensure_future(app.state.batcher.predict(sentences))
+        gone = asyncio.ensure_future(client_gone(request))
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not answer.done():  # the client went away: its sentences leave the queue unclassified
+            answer.cancel()
+            return Response(status_code=CLIENT_GONE)
+        try:
+            results = answer.result()
+        except QueueFull as e:
+            detail = f"overloaded: {e}, at most {settings.max_queue} may; retry in {RETRY_AFTER_S} s"
+            return JSONResponse({"detail": detail}, 503, headers={"Retry-After": str(RETRY_AFTER_S)})
+        metrics.record_answer(results)
+        return results
 
     @app.get("/health")
     async def health() -> dict:
-        """Whether the model is loaded and answering, which checkpoint it is, its val MCC and base model."""
+        """Whether the model is loaded and answering, which checkpoint it is (run folder and file name, the
+        start of its sha256), its val MCC and base model."""
         return {"ready": getattr(app.state, "ready", False), **facts, "backend": settings.backend}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(PAGE)
 
+    # Outermost, so that it counts every answer, 413s of BodySizeLimit included.
+    app.add_middleware(RequestMetrics, metrics=metrics, endpoints={route.path for route in app.routes})
     return app
 
 
@@ -253,7 +347,8 @@ def refuse(message: str) -> NoReturn:
 
 def parse_args() -> tuple[Settings, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, help="a .ckpt file, a run folder or a folder of runs (default: logs/cola)")
+    parser.add_argument("--checkpoint", type=Path, help="a .ckpt file, a run folder, a folder of runs (default: logs/cola),"
+                        " or an ONNX export: a .onnx file or a folder holding it (no PyTorch needed)")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept connections from other machines")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--backend", choices=BACKENDS, default="onnx")
@@ -266,9 +361,11 @@ def parse_args() -> tuple[Settings, argparse.Namespace]:
                         help="most sentences the batcher gathers into one model call")
     parser.add_argument("--max_wait_ms", type=float, default=defaults.max_wait_ms,
                         help="how long the batcher waits for more sentences after the first")
+    parser.add_argument("--max_queue", type=int, default=defaults.max_queue,
+                        help="sentences waiting for the model (per worker) beyond which a request gets 503")
     parser.add_argument("--no_batching", action="store_true", help="one model call per request (for comparison)")
     args = parser.parse_args()
-    for name in ("workers", "max_sentences", "max_chars", "max_body_bytes", "max_batch_size"):
+    for name in ("workers", "max_sentences", "max_chars", "max_body_bytes", "max_batch_size", "max_queue"):
         if getattr(args, name) < 1:
             refuse(f"--{name} must be at least 1, not {getattr(args, name)}")
     if not 0 <= args.max_wait_ms < float("inf"):
@@ -278,27 +375,52 @@ def parse_args() -> tuple[Settings, argparse.Namespace]:
     settings = Settings(
         checkpoint="", backend=args.backend, max_sentences=args.max_sentences, max_chars=args.max_chars,
         max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-        batching=not args.no_batching,
+        max_queue=args.max_queue, batching=not args.no_batching,
     )
     return settings, args
+
+
+class Supervisor(Multiprocess):
+    """uvicorn's supervisor of --workers N, remembering the signal that stopped it: its run() returns
+    normally, and a server stopped by SIGTERM should exit with SIGTERM's status, as with one worker."""
+
+    stopped_by: Optional[int] = None
+
+    def handle_int(self) -> None:
+        self.stopped_by = signal.SIGINT
+        super().handle_int()
+
+    def handle_term(self) -> None:
+        self.stopped_by = signal.SIGTERM
+        super().handle_term()
 
 
 def main() -> None:
     settings, args = parse_args()
     try:
-        checkpoint = resolve_checkpoint(args.checkpoint or find_best_checkpoint())
+        checkpoint = resolve_model(args.checkpoint or find_best_checkpoint(), settings.backend)
         # Loaded here even with --workers: a bad checkpoint fails in one line, and the ONNX export is
         # built once, before the workers would each build it.
         predictor = ColaPredictor(checkpoint, backend=settings.backend)
     except START_UP_ERRORS as e:
         sys.exit(f"error: {e}")
     settings.checkpoint = str(checkpoint)
+    server = dict(host=args.host, port=args.port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     if args.workers == 1:
-        uvicorn.run(create_app(predictor, settings), host=args.host, port=args.port)
-    else:
-        del predictor
-        os.environ[SETTINGS_VARIABLE] = json.dumps(asdict(settings))
-        uvicorn.run("serve:app_from_environment", factory=True, workers=args.workers, host=args.host, port=args.port)
+        # After its graceful shutdown uvicorn raises the signal again: exit status 143 for a SIGTERM.
+        uvicorn.run(create_app(predictor, settings), **server)
+        return
+    del predictor
+    os.environ[SETTINGS_VARIABLE] = json.dumps(asdict(settings))
+    with tempfile.TemporaryDirectory(prefix="cola-serve-metrics-") as metrics_dir:
+        os.environ[MULTIPROCESS_DIR] = metrics_dir  # the workers import prometheus_client in multiprocess mode
+        config = uvicorn.Config("serve:app_from_environment", factory=True, workers=args.workers, **server)
+        supervisor = Supervisor(config, sockets=[config.bind_socket()])
+        supervisor.run()
+    if supervisor.stopped_by is None:
+        sys.exit("error: a worker failed to start (its error is above)")
+    signal.signal(supervisor.stopped_by, signal.SIG_DFL)  # exit as one worker does: by the signal
+    signal.raise_signal(supervisor.stopped_by)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,11 @@
 Each row starts `python serve.py` with that row's options on a free loopback port, and once /health
 answers, --clients clients each send one request at a time (--per_request sentences of the file, over
 a kept-alive connection) for --warmup seconds, not counted, then --seconds, counted; then SIGTERM.
-It prints requests/s, sentences/s, p50/p95/p99 latency and errors per row, batched against unbatched,
-and the served sentences/s as a share of ColaPredictor.predict's in this process over the same
+`--clients 32,256` runs each row at each count. A client told 503 (the server's queue is full) waits
+the Retry-After it was given, as a well-behaved client does, then sends again.
+It prints requests/s, sentences/s, p50/p95/p99 latency of the accepted (200) requests, the share
+refused (503), other errors and the server's peak RSS (all its processes) per row, batched against
+unbatched, and the served sentences/s as a share of ColaPredictor.predict's in this process over the same
 sentences (batches of 64, sorted by length): what the HTTP layer and batching per request cost. The
 server's CPU ms per sentence (all its threads and workers) tells the same on a machine shared with
 other work, where wall-clock rates depend on what else runs.
@@ -23,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -46,41 +50,53 @@ ROWS = {
 REQUEST_TIMEOUT_S = 30  # a request slower than this counts as an error
 
 
+OK, REFUSED, ERROR = "ok", "refused", "error"
+
+
 async def one_client(host: str, port: int, bodies, warm_from: float, end: float, records: list) -> None:
-    """Requests one after another over one connection until `end`; records (latency s, sentences, ok) of
-    those sent after `warm_from`. A raw HTTP/1.1 client: an HTTP library would take CPU from the server."""
+    """Requests one after another over one connection until `end`; records (latency s, sentences, outcome)
+    of those sent after `warm_from`. A raw HTTP/1.1 client: an HTTP library would take CPU from the server."""
     loop = asyncio.get_running_loop()
     reader = writer = None
     while loop.time() < end:
         body, sentences = next(bodies)
         started = loop.time()
+        retry_after = 0.0
         try:
             if writer is None:
                 reader, writer = await asyncio.open_connection(host, port)
             head = f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
             writer.write(head.encode() + body)
-            ok = await asyncio.wait_for(read_response(reader), REQUEST_TIMEOUT_S)
+            outcome, retry_after = await asyncio.wait_for(read_response(reader), REQUEST_TIMEOUT_S)
         except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError, IndexError):  # IndexError: closed
-            ok = False
+            outcome = ERROR
             if writer:
                 writer.close()
             reader = writer = None  # a new connection for the next request
         if started >= warm_from:
-            records.append((loop.time() - started, sentences, ok))
+            records.append((loop.time() - started, sentences, outcome))
+        await asyncio.sleep(min(retry_after, max(0.0, end - loop.time())))
     if writer:
         writer.close()
 
 
-async def read_response(reader: asyncio.StreamReader) -> bool:
-    """Read one response; True if it was a 200 with a JSON list."""
+async def read_response(reader: asyncio.StreamReader) -> tuple[str, float]:
+    """Read one response: OK for a 200 with a JSON list, REFUSED for a 503 with a JSON detail (and its
+    Retry-After seconds), else ERROR."""
     status = int((await reader.readline()).split()[1])
-    length = 0
+    length, retry_after = 0, 0.0
     while (line := await reader.readline()) not in (b"\r\n", b""):
         name, _, value = line.decode("latin-1").partition(":")
         if name.strip().lower() == "content-length":
             length = int(value)
+        elif name.strip().lower() == "retry-after":
+            retry_after = float(value)
     body = await reader.readexactly(length)
-    return status == 200 and body.startswith(b"[")
+    if status == 200 and body.startswith(b"["):
+        return OK, 0.0
+    if status == 503 and body.startswith(b'{"detail"'):
+        return REFUSED, retry_after
+    return ERROR, 0.0
 
 
 async def load(url: str, sentences: list[str], clients: int, per_request: int, warmup: float, seconds: float) -> list:
@@ -99,15 +115,18 @@ async def load(url: str, sentences: list[str], clients: int, per_request: int, w
     return records
 
 
-def summarize(name: str, records: list, seconds: float) -> dict:
-    latencies = sorted(latency for latency, _, ok in records if ok)
+def summarize(name: str, clients: int, records: list, seconds: float) -> dict:
+    """Rates and latency quantiles of the accepted requests, the share refused, the count of other errors."""
+    latencies = sorted(latency for latency, _, outcome in records if outcome == OK)
     quantile = lambda q: 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else float("nan")  # noqa: E731
     return {
         "row": name,
+        "clients": clients,
         "requests_per_s": len(latencies) / seconds,
-        "sentences_per_s": sum(n for _, n, ok in records if ok) / seconds,
+        "sentences_per_s": sum(n for _, n, outcome in records if outcome == OK) / seconds,
         "p50_ms": quantile(0.50), "p95_ms": quantile(0.95), "p99_ms": quantile(0.99),
-        "errors": sum(not ok for *_, ok in records),
+        "refused_share": sum(outcome == REFUSED for *_, outcome in records) / max(1, len(records)),
+        "errors": sum(outcome == ERROR for *_, outcome in records),
     }
 
 
@@ -117,14 +136,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(checkpoint: str, options: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_server(
+    checkpoint: str, options: list[str], log_path: Path, python: str = sys.executable
+) -> tuple[subprocess.Popen, str]:
     """`python serve.py --checkpoint checkpoint OPTIONS` on a free loopback port, its output in log_path,
-    once /health answers (also for the tests); RuntimeError with the log's end if it does not start."""
+    once /health answers (also for the tests); RuntimeError with the log's end if it does not start.
+    python: the interpreter (the tests' lean venv's, say)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, str(REPO / "serve.py"), "--checkpoint", checkpoint, "--port", str(port), *options],
+            [python, str(REPO / "serve.py"), "--checkpoint", checkpoint, "--port", str(port), *options],
             stdout=log, stderr=subprocess.STDOUT,
         )
     deadline = time.monotonic() + 300
@@ -142,6 +164,26 @@ def server_cpu_seconds(pid: int) -> float:
     """CPU time (all threads) of the server and its worker processes so far."""
     processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
     return sum(sum(p.cpu_times()[:2]) for p in processes)
+
+
+class PeakRss(threading.Thread):
+    """Samples the resident memory of the server and its worker processes (summed) every 0.1 s until stopped;
+    .peak_mb is the largest sum seen."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.peak_mb = 0.0
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(0.1):
+            try:
+                server = psutil.Process(self.pid)
+                rss = sum(p.memory_info().rss for p in [server, *server.children(recursive=True)])
+            except psutil.Error:  # a worker ended between the listing and the reading
+                continue
+            self.peak_mb = max(self.peak_mb, rss / 2**20)
 
 
 def in_process_sentences_per_s(checkpoint: str, sentences: list[str]) -> float:
@@ -163,18 +205,22 @@ def main() -> None:
     parser.add_argument("--sentences", type=Path, default=Path("../shared/data/cola/dev.tsv"), help="a GLUE CoLA TSV")
     parser.add_argument("--rows", default="batched,unbatched", help=f"comma-separated, of: {', '.join(ROWS)}")
     parser.add_argument("--serve_options", default="", help="more serve.py options for every row, e.g. '--max_wait_ms 2'")
-    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--clients", default="32", help="concurrent clients; a comma-separated list runs each row at each")
     parser.add_argument("--per_request", type=int, default=1, help="sentences per request")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before the counted ones")
     parser.add_argument("--seconds", type=float, default=20.0, help="counted seconds of load per row")
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
     args = parser.parse_args()
     rows = args.rows.split(",")
+    try:
+        client_counts = [int(count) for count in args.clients.split(",")]
+    except ValueError:
+        parser.error(f"--clients must be comma-separated whole numbers, not {args.clients!r}")
     if not args.url and (not args.checkpoint or not all(row in ROWS for row in rows)):
         parser.error(f"give --checkpoint and --rows of {', '.join(ROWS)}, or --url")
     if args.url and urlsplit(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
         parser.error("--url must be on the loopback address: this sends load only to this machine")
-    if args.clients < 1 or args.per_request < 1 or args.seconds <= 0 or args.warmup < 0:
+    if min(client_counts) < 1 or args.per_request < 1 or args.seconds <= 0 or args.warmup < 0:
         parser.error("--clients and --per_request must be at least 1, --seconds above 0, --warmup 0 or more")
     try:
         sentences = [row["sentence"] for row in read_glue_tsv(args.sentences)]
@@ -191,33 +237,38 @@ def main() -> None:
             httpx.get(f"{args.url}/health", timeout=5).raise_for_status()
         except httpx.HTTPError as e:
             sys.exit(f"error: {args.url}/health does not answer: {e}")
-        records = asyncio.run(load(args.url, sentences, args.clients, args.per_request, args.warmup, args.seconds))
-        results.append(summarize(args.url, records, args.seconds))
+        for clients in client_counts:
+            records = asyncio.run(load(args.url, sentences, clients, args.per_request, args.warmup, args.seconds))
+            results.append(summarize(args.url, clients, records, args.seconds))
     else:
         try:
             reference = in_process_sentences_per_s(args.checkpoint, sentences)
         except (InputError, CheckpointError) as e:
             sys.exit(f"error: {e}")
         with tempfile.TemporaryDirectory() as tmp:
-            for row in rows:
+            for row, clients in itertools.product(rows, client_counts):
                 try:
                     process, url = start_server(args.checkpoint, ROWS[row] + args.serve_options.split(), Path(tmp) / f"{row}.log")
                 except RuntimeError as e:
                     sys.exit(f"error: {e}")
+                rss = PeakRss(process.pid)
                 try:
+                    rss.start()
                     cpu_before = server_cpu_seconds(process.pid)
-                    records = asyncio.run(load(url, sentences, args.clients, args.per_request, args.warmup, args.seconds))
+                    records = asyncio.run(load(url, sentences, clients, args.per_request, args.warmup, args.seconds))
                     cpu_seconds = server_cpu_seconds(process.pid) - cpu_before
                 finally:
+                    rss.stopped.set()
                     process.terminate()
                     process.wait(timeout=60)
-                row_result = summarize(row, records, args.seconds)
-                served = sum(n for _, n, ok in records if ok)
+                row_result = summarize(row, clients, records, args.seconds)
+                served = sum(n for _, n, outcome in records if outcome == OK)
                 results.append({
                     **row_result,
                     "share_of_in_process": row_result["sentences_per_s"] / reference,
                     # CPU time does not depend on what else the machine runs, as wall time does.
                     "server_cpu_ms_per_sentence": 1000 * cpu_seconds / served if served else float("nan"),
+                    "peak_rss_mb": rss.peak_mb,
                     "load_average": os.getloadavg()[0],
                 })
     print_table(results)
@@ -232,7 +283,13 @@ def print_table(results: list[dict]) -> None:
     print(f"{'row':<{width}}  " + "  ".join(f"{c:>12}" for c in columns))
     for r in results:
         print(f"{r['row']:<{width}}  " + "  ".join(f"{r[c]:>12.3g}" if isinstance(r[c], float) else f"{r[c]:>12}" for c in columns))
-    by_name = {r["row"]: r for r in results}
+    fewest, most = min(r["clients"] for r in results), max(r["clients"] for r in results)
+    for name in dict.fromkeys(r["row"] for r in results):
+        by_clients = {r["clients"]: r for r in results if r["row"] == name}
+        if fewest != most and fewest in by_clients and most in by_clients:
+            ratio = by_clients[most]["p99_ms"] / by_clients[fewest]["p99_ms"]
+            print(f"{name}: p99 of accepted requests at {most} clients / at {fewest}: {ratio:.2f}x")
+    by_name = {r["row"]: r for r in results if r["clients"] == fewest}
     for batched, unbatched in (("batched", "unbatched"), ("batched_2_workers", "unbatched_2_workers")):
         if batched in by_name and unbatched in by_name:
             ratio = by_name[batched]["sentences_per_s"] / by_name[unbatched]["sentences_per_s"]

@@ -3,9 +3,12 @@
 
 import os
 from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlsplit
 
+import httpx
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import Browser, expect, sync_playwright
 
 from inference import ColaPredictor
 from test_serve import best_checkpoint, start_server  # noqa: F401 (best_checkpoint is a fixture)
@@ -22,40 +25,76 @@ SCREENSHOT = os.environ.get("SERVE_SCREENSHOT")  # default: a temporary folder
 CHECKPOINT = os.environ.get("SERVE_CHECKPOINT")  # default: the tiny test model
 
 
-def test_page_shows_a_label_and_probability_per_sentence(best_checkpoint, tmp_path):  # noqa: F811
-    if CHECKPOINT:
-        best_checkpoint = Path(CHECKPOINT)
+@pytest.fixture(scope="module")
+def served_checkpoint(best_checkpoint) -> Path:  # noqa: F811
+    return Path(CHECKPOINT) if CHECKPOINT else best_checkpoint
+
+
+@pytest.fixture(scope="module")
+def server(served_checkpoint) -> Iterator[str]:
+    """A real `python serve.py` of served_checkpoint: its URL."""
+    process, url = start_server(served_checkpoint, "--max_chars", "200")
+    yield url
+    process.terminate()
+    process.wait(timeout=60)
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
     if not CHROMIUM.is_file():
         pytest.fail(f"{CHROMIUM} not found: install Debian's browser with `apt-get install chromium`")
-    sentences = ["The dog sat on the mat.", "Mat the on sat dog the."]
-    expected = ColaPredictor(best_checkpoint).predict(sentences)
-    process, url = start_server(best_checkpoint, "--max_chars", "200")
-    try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 420, "height": 640})  # a phone's width
-            page.goto(url)
-            box = page.get_by_label("Sentences, one per line")
-            box.fill("\n".join(sentences))
-            page.get_by_role("button", name="Check").click()
-            results = page.locator("#results li")
-            expect(results).to_have_count(2)
-            for result, want in zip([results.nth(0), results.nth(1)], expected):
-                expect(result.locator(".sentence")).to_have_text(want["sentence"])
-                expect(result.locator(".label")).to_have_text(want["label"])
-                expect(result.locator(".probability")).to_have_text(f"{100 * want['probabilities'][want['label']]:.1f}%")
-            expect(page.locator("footer")).to_contain_text(str(best_checkpoint))  # from /health
-            page.screenshot(path=SCREENSHOT or tmp_path / "serve.png", full_page=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
 
-            # Errors show in the page: the server's (a 413, sent with Ctrl+Enter) and the page's own.
-            box.fill("A dog " * 50)
-            box.press("Control+Enter")
-            expect(page.get_by_role("alert")).to_have_text("sentences[0] has 299 characters: at most 200")
-            expect(results).to_have_count(0)
-            box.fill("  \n")
-            box.press("Control+Enter")
-            expect(page.get_by_role("alert")).to_have_text("Type a sentence first, one per line.")
-            browser.close()
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
+
+def test_page_shows_a_label_and_probability_per_sentence(served_checkpoint, server, browser, tmp_path):
+    sentences = ["The dog sat on the mat.", "Mat the on sat dog the."]
+    expected = ColaPredictor(served_checkpoint).predict(sentences)
+    health = httpx.get(f"{server}/health").json()
+    page = browser.new_page(viewport={"width": 420, "height": 640})  # a phone's width
+    page.goto(server)
+    box = page.get_by_label("Sentences, one per line")
+    box.fill("\n".join(sentences))
+    page.get_by_role("button", name="Check").click()
+    results = page.locator("#results li")
+    expect(results).to_have_count(2)
+    for result, want in zip([results.nth(0), results.nth(1)], expected):
+        expect(result.locator(".sentence")).to_have_text(want["sentence"])
+        expect(result.locator(".label")).to_have_text(want["label"])
+        expect(result.locator(".probability")).to_have_text(f"{100 * want['probabilities'][want['label']]:.1f}%")
+    # From /health: the run folder and file name, and the start of its sha256; never the server's path.
+    expect(page.locator("footer")).to_contain_text(f"{health['checkpoint']} (sha256 {health['sha256']}")
+    expect(page.locator("footer")).not_to_contain_text(str(served_checkpoint.resolve().parent))
+    page.screenshot(path=SCREENSHOT or tmp_path / "serve.png", full_page=True)
+
+    # Errors show in the page: the server's (a 413, sent with Ctrl+Enter) and the page's own.
+    box.fill("A dog " * 50)
+    box.press("Control+Enter")
+    expect(page.get_by_role("alert")).to_have_text("sentences[0] has 299 characters: at most 200")
+    expect(results).to_have_count(0)
+    box.fill("  \n")
+    box.press("Control+Enter")
+    expect(page.get_by_role("alert")).to_have_text("Type a sentence first, one per line.")
+
+
+def test_api_docs_render_with_the_network_off(server, browser):
+    """/docs is Swagger UI: its scripts and styles come from this server, not a CDN, so it works offline.
+    Every request that does not go to the loopback address is refused, as on a machine without a network."""
+    page = browser.new_page()
+    refused: list[str] = []
+
+    def offline(route):
+        if urlsplit(route.request.url).hostname in ("127.0.0.1", "localhost"):
+            return route.continue_()
+        refused.append(route.request.url)
+        route.abort("internetdisconnected")
+
+    page.route("**/*", offline)
+    page.goto(f"{server}/docs")
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("CoLA grammaticality")
+    expect(page.locator(".opblock-summary-path", has_text="/predict")).to_be_visible()
+    page.locator(".opblock-summary-path", has_text="/predict").click()  # the request body's example shows
+    expect(page.locator(".opblock-body")).to_contain_text("sentences")
+    assert refused == []

@@ -1,10 +1,12 @@
 """serve.py: the API through FastAPI's TestClient, the batcher on its own, and a real server process."""
 
 import asyncio
+import hashlib
 import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -12,16 +14,18 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import httpx
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 
 from benchmarks import serve_load
 from conftest import REPO, make_sentence
 from inference import ColaPredictor
-from serve import MicroBatcher, Settings, create_app
+from serve import GRACEFUL_SHUTDOWN_S, MicroBatcher, Settings, create_app
 
 SENTENCES = ["The dog sat on the mat.", "Mat the on sat dog the.", "A big cat ran quickly under the bench."]
 
@@ -59,9 +63,11 @@ def test_health_names_the_checkpoint_its_mcc_and_model(predictor, best_checkpoin
         assert "<textarea" in client.get("/").text
         assert client.get("/docs").status_code == 200  # FastAPI's API docs stay on
     metrics = json.loads((workdir / "logs/cola/version_0/metrics.json").read_text())
-    assert health["ready"] is True and health["checkpoint"] == str(best_checkpoint)
+    # By run folder and file name, and content: no path of the server's machine.
+    assert health["ready"] is True and health["checkpoint"] == f"cola/version_0/{best_checkpoint.name}"
+    assert health["sha256"] == hashlib.sha256(best_checkpoint.read_bytes()).hexdigest()[:12]
     assert health["val_mcc"] == pytest.approx(metrics["best_val_mcc"], abs=5e-5)  # the file name's 4 decimals
-    assert health["model"] == str(tiny_model_dir)
+    assert health["model"] == f"{tiny_model_dir.parent.name}/{tiny_model_dir.name}"  # a local folder: its last names
 
 
 def test_concurrent_requests_each_get_their_own_answers(predictor, best_checkpoint):
@@ -208,16 +214,16 @@ def start_server(checkpoint: Path, *args: str, log: Optional[Path] = None) -> tu
 
 
 def test_sigterm_finishes_the_request_in_flight_then_exits(best_checkpoint, predictor, tmp_path):
-    # The batcher holds the request for 5 s (it waits for more sentences): SIGTERM arrives meanwhile.
+    # The batcher holds the request for 3 s (it waits for more sentences): SIGTERM arrives meanwhile.
     log = tmp_path / "serve.log"
-    process, url = start_server(best_checkpoint, "--max_wait_ms", "5000", log=log)
+    process, url = start_server(best_checkpoint, "--max_wait_ms", "3000", log=log)
     try:
         responses = []
         request = threading.Thread(
             target=lambda: responses.append(httpx.post(f"{url}/predict", json={"sentences": SENTENCES}, timeout=60))
         )
         request.start()
-        time.sleep(2)
+        time.sleep(1)
         process.send_signal(signal.SIGTERM)
         request.join(timeout=60)
         # After its graceful shutdown, uvicorn raises the signal again: the usual exit status of a SIGTERM.
@@ -250,17 +256,20 @@ def test_start_up_errors_are_one_line(tmp_path):
 def test_load_benchmark_runs_batched_and_unbatched(best_checkpoint, tiny_data_dir, tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "serve_load.py"), "--checkpoint", str(best_checkpoint),
-         "--sentences", str(tiny_data_dir / "dev.tsv"), "--clients", "4", "--seconds", "1", "--warmup", "0.2",
+         "--sentences", str(tiny_data_dir / "dev.tsv"), "--clients", "2,4", "--seconds", "1", "--warmup", "0.2",
          "--json", str(tmp_path / "load.json")],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "load.json").read_text())["rows"]
-    assert [row["row"] for row in rows] == ["batched", "unbatched"]
+    assert [(row["row"], row["clients"]) for row in rows] == [("batched", 2), ("batched", 4), ("unbatched", 2),
+                                                               ("unbatched", 4)]
     for row in rows:
-        assert row["errors"] == 0 and row["requests_per_s"] > 0
+        assert row["errors"] == 0 and row["refused_share"] == 0 and row["requests_per_s"] > 0
         assert row["sentences_per_s"] == row["requests_per_s"] and row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+        assert row["peak_rss_mb"] > 50  # Python, ONNX Runtime and the model at least
     assert "batched / unbatched:" in result.stdout and "ColaPredictor.predict in one process:" in result.stdout
+    assert "batched: p99 of accepted requests at 4 clients / at 2:" in result.stdout
 
 
 def test_a_model_failure_is_a_json_500_and_a_damaged_hparams_yaml_no_crash(predictor, best_checkpoint, tmp_path):
@@ -279,3 +288,163 @@ def test_a_model_failure_is_a_json_500_and_a_damaged_hparams_yaml_no_crash(predi
         response = client.post("/predict", json={"sentences": ["The dog sat."]})
     assert response.status_code == 500
     assert response.json() == {"detail": "the model failed on this batch (RuntimeError)"}
+
+
+# Overload and clients that go away, against a real uvicorn server in this process and a stand-in model.
+
+
+class HeldModel:
+    """A stand-in for ColaPredictor whose calls are recorded and held (the model busy) until release is set."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.calls: list[list[str]] = []
+
+    def predict(self, sentences: list[str], batch_size: int) -> list[dict]:
+        self.calls.append(list(sentences))
+        self.release.wait(timeout=60)
+        return [{"sentence": s, "label": "acceptable", "probabilities": {"unacceptable": 0.0, "acceptable": 1.0}}
+                for s in sentences]
+
+
+@contextmanager
+def served(app) -> Iterator[str]:
+    """app on a free loopback port, served by uvicorn in a thread (as serve.py serves it), until the end."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+def post_in_background(url: str, sentences: list[str]) -> tuple[threading.Thread, list]:
+    responses: list = []
+    thread = threading.Thread(
+        target=lambda: responses.append(httpx.post(f"{url}/predict", json={"sentences": sentences}, timeout=60)))
+    thread.start()
+    return thread, responses
+
+
+def wait_until(condition, what: str) -> None:
+    """Polls condition() (state of the server in this process) rather than sleeping a guessed time."""
+    deadline = time.monotonic() + 60
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"60 s and still not: {what}")
+        time.sleep(0.02)
+
+
+def predict_requests(metrics_text: str, status: str) -> float:
+    prefix = f'cola_requests_total{{endpoint="/predict",status="{status}"}} '
+    return sum(float(line[len(prefix):]) for line in metrics_text.splitlines() if line.startswith(prefix))
+
+
+def test_beyond_max_queue_a_request_gets_503_with_retry_after(best_checkpoint):
+    model = HeldModel()
+    app = create_app(model, Settings(checkpoint=str(best_checkpoint), max_wait_ms=0, max_queue=2))
+    with served(app) as url:
+        busy, busy_responses = post_in_background(url, ["busy"])  # the model works on it until released
+        wait_until(lambda: model.calls, "the model busy")
+        queued, queued_responses = post_in_background(url, ["q1", "q2"])  # waits: 2 sentences queued
+        wait_until(lambda: app.state.batcher.queued == 2, "2 sentences queued")
+        refused = httpx.post(f"{url}/predict", json={"sentences": ["one too many"]}, timeout=60)
+        model.release.set()
+        busy.join(60)
+        queued.join(60)
+        # The queue empties, and then a request larger than max_queue, alone, is still answered.
+        larger = httpx.post(f"{url}/predict", json={"sentences": ["a", "b", "c"]}, timeout=60)
+        metrics = httpx.get(f"{url}/metrics").text
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert refused.json()["detail"] == "overloaded: 2 sentences are waiting already, at most 2 may; retry in 1 s"
+    assert [busy_responses[0].status_code, queued_responses[0].status_code, larger.status_code] == [200] * 3
+    assert model.calls == [["busy"], ["q1", "q2"], ["a", "b", "c"]]
+    assert predict_requests(metrics, "503") == 1 and predict_requests(metrics, "200") == 3
+
+
+def test_a_request_whose_client_went_away_costs_no_model_time(best_checkpoint):
+    model = HeldModel()
+    app = create_app(model, Settings(checkpoint=str(best_checkpoint), max_wait_ms=0))
+    with served(app) as url:
+        busy, busy_responses = post_in_background(url, ["busy"])
+        wait_until(lambda: model.calls, "the model busy")
+        port = int(url.rsplit(":", 1)[1])
+        body = json.dumps({"sentences": ["gone"]}).encode()
+        with socket.create_connection(("127.0.0.1", port)) as client:  # queued behind "busy", then gone
+            client.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            wait_until(lambda: app.state.batcher.queued == 1, "the request queued")
+        wait_until(lambda: predict_requests(httpx.get(f"{url}/metrics").text, "499") == 1, "the client seen gone")
+        model.release.set()
+        busy.join(60)
+        after = httpx.post(f"{url}/predict", json={"sentences": ["after"]}, timeout=60)
+        metrics = httpx.get(f"{url}/metrics").text
+    assert busy_responses[0].status_code == 200 and after.status_code == 200
+    assert model.calls == [["busy"], ["after"]]  # "gone" never reached the model
+    assert predict_requests(metrics, "499") == 1  # counted as nginx counts a client that closed: 499
+    assert "cola_queued_sentences 0.0" in metrics
+
+
+def test_nothing_sent_to_a_client_names_a_server_path(predictor, best_checkpoint, trained, tiny_model_dir):
+    """Every kind of answer: the page, /health, /metrics, /docs and its files, the OpenAPI schema, results,
+    each error status (400, 404, 405, 413, 422, 500, 503)."""
+    workdir, _ = trained
+    server_paths = {str(REPO), str(workdir), str(best_checkpoint.parent), str(tiny_model_dir), sys.prefix,
+                    str(Path.home()), tempfile.gettempdir()}
+
+    class FailsOnSecondCall:
+        calls = 0
+
+        def predict(self, sentences, batch_size):
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError(f"cannot read {best_checkpoint}")  # the message must not reach the client
+            return predictor.predict(sentences, batch_size=batch_size)
+
+    app = create_app(FailsOnSecondCall(), Settings(checkpoint=str(best_checkpoint), max_queue=1, max_chars=40))
+    answers = []
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for path in ("/", "/health", "/metrics", "/docs", "/redoc", "/openapi.json", "/missing", "/predict",
+                     "/static-offline-docs/swagger-ui.css"):
+            answers.append(client.get(path))
+        for body in ({"sentences": SENTENCES}, {"sentences": SENTENCES}, {"sentences": ["a" * 41]}, {"x": 1}):
+            answers.append(client.post("/predict", json=body))
+        answers.append(client.post("/predict", content="{", headers={"content-type": "application/json"}))
+        app.state.batcher.queued = 1  # as if a sentence were waiting: the next request is refused
+        answers.append(client.post("/predict", json={"sentences": SENTENCES[:1]}))
+        app.state.batcher.queued = 0
+        answers.append(client.get("/health"))
+    statuses = {answer.status_code for answer in answers}
+    assert statuses >= {200, 400, 404, 405, 413, 422, 500, 503}, statuses
+    for answer in answers:
+        sent = answer.text + "".join(f"{name}: {value}" for name, value in answer.headers.items())
+        leaked = [path for path in server_paths if path in sent]
+        assert not leaked, f"{answer.request.method} {answer.request.url.path} ({answer.status_code}) names {leaked}"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_ends_even_with_a_stalled_upload_and_exits_with_its_status(best_checkpoint, tmp_path, workers):
+    """A client that never finishes sending its body would hold a graceful shutdown forever: after
+    GRACEFUL_SHUTDOWN_S the server cancels it and exits, by SIGTERM, as a finished shutdown does."""
+    log = tmp_path / "serve.log"
+    process, url = start_server(best_checkpoint, "--workers", str(workers), log=log)
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as stalled:
+            stalled.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: 100\r\n\r\n{\"sentences\": [")
+            time.sleep(1)
+            process.send_signal(signal.SIGTERM)
+            status = process.wait(timeout=GRACEFUL_SHUTDOWN_S + 60)  # without the bound: no end, a timeout here
+    finally:
+        process.kill()
+    output = log.read_text()
+    assert status == -signal.SIGTERM, output[-3000:]
+    assert "timeout graceful shutdown exceeded" in output
