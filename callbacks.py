@@ -11,6 +11,7 @@ import shlex
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -101,6 +102,39 @@ class EarlyStoppingAfterWarmup(EarlyStopping):
             return
         if trainer.global_step >= trainer.lightning_module.warmup_steps:
             super()._run_early_stopping_check(trainer)
+
+
+class TrainingThroughput(Callback):
+    """Training samples and real (unpadded) tokens per second, logged as train/samples_per_sec and
+    train/tokens_per_sec every log_every_n_steps, over the steps since the last log (validation left out).
+
+    Lightning's ThroughputMonitor makes the CPU wait for the GPU after every step (torch.cuda.synchronize, to time
+    each step) and again for its token count (an int() of a GPU tensor): here the tokens add up on the device and
+    the clock is read only when Lightning logs, which waits for the GPU anyway.
+    """
+
+    def __init__(self) -> None:
+        self._restart()
+
+    def _restart(self, *_: Any) -> None:
+        self._started, self._samples, self._tokens = time.perf_counter(), 0, 0
+
+    on_train_epoch_start = on_validation_end = _restart
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, *_: Any) -> None:
+        self._samples += batch["input_ids"].size(0)
+        self._tokens = self._tokens + batch["attention_mask"].sum()  # a tensor: no wait here
+        every = trainer.log_every_n_steps
+        if not every or trainer.global_step % every:  # Lightning logs at the same steps
+            return
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)  # the queued steps belong in this window
+        seconds = time.perf_counter() - self._started
+        # Straight to the loggers, as ThroughputMonitor did: a timing is no metric for callbacks or metrics.json.
+        rates = {"train/samples_per_sec": self._samples / seconds, "train/tokens_per_sec": float(self._tokens) / seconds}
+        for logger in trainer.loggers:
+            logger.log_metrics(rates, step=trainer.global_step)
+        self._restart()
 
 
 class SanityChecks(Callback):

@@ -1,6 +1,7 @@
 """CoLA as a LightningDataModule: the Hugging Face Hub by default, or local GLUE-layout TSV files."""
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -9,6 +10,7 @@ import torch
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Sampler
 from transformers import AutoConfig, AutoTokenizer, DataCollatorWithPadding
+from transformers.data.data_collator import pad_without_fast_tokenizer_warning
 
 from hub import explain_hub_errors
 
@@ -174,6 +176,24 @@ class ResumableDataLoader(DataLoader):
                 yield batch
 
 
+BUCKET_LENGTHS = (16, 32, 64)  # and max_length: CoLA's sentences are 3-47 tokens, most under 16
+
+
+@dataclass
+class PadToBucket(DataCollatorWithPadding):
+    """Pads each batch to the shortest of a few lengths that holds its longest sentence: a compiled model
+    (--model.compile) then meets a few shapes, instead of one per batch length, each compiled once."""
+
+    buckets: tuple[int, ...] = ()
+
+    def __call__(self, features: list[dict]) -> dict:
+        longest = max(len(feature["input_ids"]) for feature in features)
+        length = next(bucket for bucket in self.buckets if bucket >= longest)
+        return pad_without_fast_tokenizer_warning(
+            self.tokenizer, features, padding="max_length", max_length=length, return_tensors="pt"
+        )
+
+
 class ColaDataModule(pl.LightningDataModule):
     """Tokenized CoLA batches with per-batch dynamic padding.
 
@@ -186,6 +206,8 @@ class ColaDataModule(pl.LightningDataModule):
             computes), 0 without (on a small CPU, workers would compete with the model for cores).
         group_by_length: training batches of similar-length sentences (LengthGroupedSampler) instead
             of uniformly random ones: less padding, faster steps.
+        pad_to_buckets: pad batches to 16, 32, 64 or max_length tokens (PadToBucket) instead of to their longest
+            sentence; set by train.py from --model.compile.
     """
 
     def __init__(
@@ -196,6 +218,7 @@ class ColaDataModule(pl.LightningDataModule):
         max_length: int = 128,
         num_workers: Optional[int] = None,
         group_by_length: bool = True,
+        pad_to_buckets: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -259,13 +282,17 @@ class ColaDataModule(pl.LightningDataModule):
     def _loader(self, split: str, sampler: Optional[Sampler] = None, loader_class: type = DataLoader, **kwargs) -> DataLoader:
         gpu = torch.cuda.is_available()
         workers = self.hparams.num_workers if self.hparams.num_workers is not None else 2 * gpu
+        if self.hparams.pad_to_buckets:
+            max_length = min(self.hparams.max_length, self.tokenizer.model_max_length)
+            collate = PadToBucket(self.tokenizer, buckets=(*(b for b in BUCKET_LENGTHS if b < max_length), max_length))
+        else:  # multiples of 8 tokens keep matrix shapes aligned to the GPU's tensor cores (TF32 and bf16)
+            collate = DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=8 if gpu else None)
         return loader_class(
             self.splits[split],
             **kwargs,
             batch_size=self.hparams.batch_size,
             sampler=sampler,
-            # Multiples of 8 tokens keep matrix shapes aligned to the GPU's tensor cores (TF32 and bf16).
-            collate_fn=DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=8 if gpu else None),
+            collate_fn=collate,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=gpu,

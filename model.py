@@ -3,7 +3,7 @@
 import re
 import tempfile
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -75,6 +75,12 @@ def sentence_logits(model: PreTrainedModel, pooling: str, inputs: dict[str, torc
     return model.classifier(model.dropout((hidden * mask).sum(1) / mask.sum(1)))
 
 
+def logits_and_loss(model: PreTrainedModel, pooling: str, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, cross-entropy loss) of a batch with labels: the part of a step that --model.compile compiles."""
+    logits = sentence_logits(model, pooling, {k: v for k, v in batch.items() if k != "labels"})
+    return logits, torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+
+
 class SentenceClassifier(torch.nn.Module):
     """A trained *ForSequenceClassification model as inference runs and exports it: inputs in, logits out."""
 
@@ -122,6 +128,10 @@ class ColaModel(pl.LightningModule):
         head_learning_rate: learning rate of the new, randomly initialised classifier (None: learning_rate).
         pooling: how a sentence becomes one vector for the classifier: "cls" or "mean" (see sentence_logits).
         freeze_word_embeddings: keep the pretrained word vectors as they are (position and type vectors train).
+        compile: run training steps' forward and backward passes through torch.compile (on CUDA with CUDA graphs,
+            mode="reduce-overhead": one launch per step instead of hundreds of kernel launches); train.py then pads
+            sentences to a few lengths (--data.pad_to_buckets) so that few shapes compile. Exports and
+            checkpoints are those of the plain model.
     """
 
     def __init__(
@@ -134,6 +144,7 @@ class ColaModel(pl.LightningModule):
         head_learning_rate: Optional[float] = None,
         pooling: Literal["cls", "mean"] = "cls",
         freeze_word_embeddings: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         check_options(learning_rate, weight_decay, warmup_ratio, layer_decay, head_learning_rate)
@@ -171,6 +182,11 @@ class ColaModel(pl.LightningModule):
         self.warmup_steps = 0  # set by configure_optimizers; early stopping waits for it (train.py)
         self._tokenizer_files: dict[str, str] = {}
         self._rng_states: dict | None = None  # from the checkpoint a run resumes from
+        self._compiled_logits_and_loss = None  # made at the first step, once the device is known
+        # The non-finite-loss guard's state (see training_step): 1.0 on the device from the first non-finite loss
+        # on, and the (epoch, step, flag) of each step since the flags were last read.
+        self._skip_updates: Optional[torch.Tensor] = None
+        self._unread_loss_flags: list[tuple[int, int, torch.Tensor]] = []
         # Epoch-level metrics: torchmetrics accumulates over the whole epoch and syncs across DDP ranks.
         self.val_metrics = MetricCollection(
             {"mcc": MatthewsCorrCoef(), "accuracy": BinaryAccuracy(), "f1": BinaryF1Score()}, prefix="val_"
@@ -184,22 +200,60 @@ class ColaModel(pl.LightningModule):
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, cross-entropy loss) of a batch with labels."""
-        logits = sentence_logits(self.model, self.hparams.pooling, {k: v for k, v in batch.items() if k != "labels"})
-        return logits, torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+        if not (self.hparams.compile and self.training):  # validation is short: not worth a second compilation
+            return logits_and_loss(self.model, self.hparams.pooling, batch)
+        if self._compiled_logits_and_loss is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs exist only there
+            self._compiled_logits_and_loss = torch.compile(logits_and_loss, mode=mode)
+        if self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: the previous one's graph outputs are done with
+        return self._compiled_logits_and_loss(self.model, self.hparams.pooling, batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         _, loss = self(batch)
-        self.log("train_loss", loss, prog_bar=True, batch_size=batch["labels"].size(0))
-        # A NaN or infinite loss would make every weight NaN at this step's optimizer step: stop before it,
-        # on all DDP processes together (one stopping alone would leave the others waiting for its gradients).
-        if not self.trainer.strategy.reduce_boolean_decision(bool(loss.isfinite()), all=True):
-            best = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or "none saved yet"
-            raise NonFiniteLossError(
-                f"the loss became NaN or infinite at epoch {self.current_epoch}, step {self.global_step + 1}; training"
-                f" stopped before that step changed the weights, and the best checkpoint so far is untouched ({best})."
-                " Try a lower --model.learning_rate, or --trainer.precision bf16-mixed or 32-true instead of 16-mixed"
-            )
+        # Not in the progress bar: the bar would read the loss, waiting for the GPU, at every step.
+        self.log("train_loss", loss, batch_size=batch["labels"].size(0))
+        self.skip_updates_from_a_non_finite_loss(loss)
         return loss
+
+    def skip_updates_from_a_non_finite_loss(self, loss: torch.Tensor) -> None:
+        """A NaN or infinite loss would make every weight NaN at this step's optimizer step. Reading the loss here
+        to stop would make the CPU wait for the GPU at every step, so the decision stays on the device: the fused
+        AdamW skips its whole update (weights, moments, step count) while its found_inf is 1, as it does for a
+        GradScaler, and found_inf stays 1 from the first non-finite loss on. The flags are read, and training
+        stopped, where Lightning reads values anyway: every log_every_n_steps, at an epoch's end and before any
+        checkpoint is saved (stop_if_a_loss_was_non_finite)."""
+        bad = (~loss.detach().isfinite()).float()
+        if self.trainer.world_size > 1:  # all processes skip together: their gradients are averaged
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # queued on the device, no wait
+        self._skip_updates = bad if self._skip_updates is None else torch.maximum(self._skip_updates, bad)
+        self.trainer.optimizers[0].found_inf = self._skip_updates
+        self._unread_loss_flags.append((self.current_epoch, self.global_step + 1, bad))
+
+    def stop_if_a_loss_was_non_finite(self) -> None:
+        """Raise NonFiniteLossError, naming the first step whose loss was NaN or infinite, if one was since the last
+        call. One wait for the device; the same answer on every DDP process (the flags were reduced)."""
+        if not self._unread_loss_flags:
+            return
+        unread, self._unread_loss_flags = self._unread_loss_flags, []
+        flags = torch.stack([flag for *_, flag in unread]).tolist()
+        if not any(flags):
+            return
+        epoch, step, _ = unread[flags.index(1.0)]
+        best = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or "none saved yet"
+        raise NonFiniteLossError(
+            f"the loss became NaN or infinite at epoch {epoch}, step {step}; training"
+            f" stopped before that step changed the weights, and the best checkpoint so far is untouched ({best})."
+            " Try a lower --model.learning_rate, or --trainer.precision bf16-mixed or 32-true instead of 16-mixed"
+        )
+
+    def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
+        every = self.trainer.log_every_n_steps
+        if (every and self.global_step % every == 0) or self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self.stop_if_a_loss_was_non_finite()
+
+    def on_train_end(self) -> None:
+        self.stop_if_a_loss_was_non_finite()  # a run cut short by --trainer.max_steps between two checks
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         logits, loss = self(batch)
@@ -262,6 +316,8 @@ class ColaModel(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # No checkpoint records a run past a non-finite loss (its weights are intact, but its step and schedule moved on).
+        self.stop_if_a_loss_was_non_finite()
         # Everything inference needs without the network: architecture, label names, tokenizer.
         checkpoint["hf_config"] = self.model.config.to_dict()
         checkpoint["tokenizer_files"] = self.tokenizer_files()

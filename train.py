@@ -23,7 +23,7 @@ try:  # torch and Lightning take seconds to import: a Ctrl-C meanwhile is one li
     import torch
     from jsonargparse import Namespace
     from pytorch_lightning import Callback, Trainer
-    from pytorch_lightning.callbacks import LearningRateMonitor, ThroughputMonitor, Timer
+    from pytorch_lightning.callbacks import LearningRateMonitor, Timer
     from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
     from pytorch_lightning.plugins.io import TorchCheckpointIO
     from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -31,7 +31,7 @@ try:  # torch and Lightning take seconds to import: a Ctrl-C meanwhile is one li
 
     from callbacks import (
         AtomicCheckpointIO, BestAndLastCheckpoint, EarlyStoppingAfterWarmup, MidEpochCheckpoint, ResumeInRunFolder,
-        SanityChecks, StopOnSignal, StoppedBySignal,
+        SanityChecks, StopOnSignal, StoppedBySignal, TrainingThroughput,
     )
     from checkpoints import RUN_VERSION_ENV, CheckpointError, check_resumable, choose_run_folder, requeued_checkpoint
     from data import ColaDataModule, DataError, OptionError
@@ -41,8 +41,6 @@ except KeyboardInterrupt:
     print("\ninterrupted while starting: nothing to save", file=sys.stderr)
     sys.exit(130)
 
-# ThroughputMonitor would also report FLOPs if the model declared them; samples and tokens per second suffice.
-warnings.filterwarnings("ignore", message=".*`flops_per_batch`.*")
 # Lightning suggests DataLoader workers; on small CPUs they compete with training for cores (see data.py).
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 # Lightning 2.6 on torch 2.13: a deprecation inside Lightning's own pytree helper, nothing a user can act on.
@@ -91,6 +89,7 @@ class ColaCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
+        parser.link_arguments("model.compile", "data.pad_to_buckets")  # few shapes to compile
         parser.add_argument("--ckpt_path", type=Optional[str], default=None, help="Resume training from this last.ckpt.")
         parser.add_argument(
             "--save_last_every_minutes", type=Optional[float], default=10.0,
@@ -238,10 +237,7 @@ def main(args: Optional[list[str]] = None, callbacks: Sequence[Callback] = (), e
             },
             "callbacks": [
                 LearningRateMonitor(logging_interval="step"),
-                ThroughputMonitor(
-                    batch_size_fn=lambda batch: batch["input_ids"].size(0),
-                    length_fn=lambda batch: int(batch["attention_mask"].sum()),  # real (unpadded) tokens
-                ),
+                TrainingThroughput(),
                 timer,
                 StopOnSignal(),
                 ResumeInRunFolder(),

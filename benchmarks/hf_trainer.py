@@ -93,16 +93,17 @@ def reference_trainer(
     )
 
 
-def make_bert_base(directory: str, vocab_from: str, seed: int) -> None:
+def make_bert_base(directory: str, vocab_from: str, seed: int, **size: int) -> None:
     """A BERT-base-sized classifier with random weights, and vocab_from's tokenizer, saved in directory: a model
-    for every speed.py row (and for train.py's --model.model_name_or_path) without a download."""
+    for every speed.py row (and for train.py's --model.model_name_or_path) without a download. size: BertConfig
+    fields to change (gpu_check.sh --dry-run makes a tiny one)."""
     tokenizer = AutoTokenizer.from_pretrained(vocab_from)
     set_seed(seed)
-    config = BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, num_labels=2)  # base size
+    config = BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, num_labels=2, **size)
     model = BertForSequenceClassification(config)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    print(f"BERT-base ({model.num_parameters() / 1e6:.1f}M parameters, random weights) and the tokenizer of "
+    print(f"BERT ({model.num_parameters() / 1e6:.1f}M parameters, random weights) and the tokenizer of "
           f"{vocab_from} saved in {directory}")
 
 

@@ -23,12 +23,13 @@ def settings(**changes) -> Settings:
 def test_summary_covers_the_steps_after_warmup_and_the_whole_epoch():
     raw = {
         "steps": 4,
-        "times": {"epoch_begin": 10.0, "window_begin": 11.0, "window_end": 13.0, "epoch_end": 14.0},
+        "times": {"epoch_begin": 10.0, "first_step_end": 10.5, "window_begin": 11.0, "window_end": 13.0, "epoch_end": 14.0},
         "batches": [[2, 99, 99], [2, 10, 12], [2, 6, 8], [2, 99, 99]],  # steps 2 and 3 are timed
     }
     row = summarize("ours", raw, settings())
     assert row["samples_per_s"] == 2.0 and row["real_tokens_per_s"] == 8.0 and row["padded_tokens_per_s"] == 10.0
     assert row["pad_share"] == pytest.approx(0.2) and row["epoch_s"] == 4.0 and row["timed_steps"] == "2-3"
+    assert row["first_step_s"] == 0.5
     assert summarize("ours", raw, settings(steps_per_epoch=10))["epoch_s"] is None  # --max_steps: not an epoch
 
     hf = summarize("hf_random", {**raw, "times": {**raw["times"], "window_end": 15.0}}, settings())
@@ -45,7 +46,7 @@ def test_clock_marks_each_boundary_once_even_when_two_fall_on_one_step():
     for _ in range(3):
         clock.on_step_end()
     result = clock.result()
-    assert set(result["times"]) == {"epoch_begin", "window_begin", "window_end", "epoch_end"}
+    assert set(result["times"]) == {"epoch_begin", "first_step_end", "window_begin", "window_end", "epoch_end"}
     assert result["steps"] == 3 and result["batches"] == [(2, 7, 10)] * 3
 
 

@@ -8,6 +8,7 @@ from data import (
     ColaDataModule,
     DataError,
     LengthGroupedSampler,
+    PadToBucket,
     ResumableDataLoader,
     ShuffleSampler,
     load_local_cola,
@@ -104,6 +105,23 @@ def test_batches_are_padded_per_batch_not_to_max_length(tiny_model_dir, tiny_dat
         assert not torch.any(ids[mask.bool()] == unk_id), "real tokens must not be [UNK]"
         widths.add(ids.shape[1])
     assert max(widths) < 20 and len(widths) > 1
+
+
+def test_pad_to_buckets_gives_a_few_widths_each_the_shortest_that_fits(tiny_model_dir, tiny_data_dir):
+    # Sentences of 5-14 tokens: every batch is 16 wide; with max_length 12 the longest are cut to it.
+    for max_length, widths in ((128, {16}), (12, {12})):
+        datamodule = make_datamodule(tiny_model_dir, tiny_data_dir, batch_size=4, max_length=max_length, pad_to_buckets=True)
+        seen = set()
+        for batch in [*datamodule.train_dataloader(), *datamodule.val_dataloader()]:
+            assert set(batch) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
+            assert int(batch["attention_mask"].sum(dim=1).max()) <= batch["input_ids"].shape[1]
+            seen.add(batch["input_ids"].shape[1])
+        assert seen == widths
+    collate = PadToBucket(datamodule.tokenizer, buckets=(16, 32, 64, 128))
+    features = [{"input_ids": [2] + [5] * n + [3], "attention_mask": [1] * (n + 2), "labels": 1} for n in (3, 20)]
+    batch = collate(features)
+    assert batch["input_ids"].shape == (2, 32) and batch["attention_mask"][0].tolist() == [1] * 5 + [0] * 27
+    assert collate(features[:1])["input_ids"].shape == (1, 16)
 
 
 def test_truncation_is_applied_and_reported(tiny_model_dir, tiny_data_dir, capsys):

@@ -41,7 +41,7 @@ def test_run_writes_checkpoints_metrics_and_tensorboard(trained):
     assert {"train_loss", "val_loss", "val_mcc", "val_accuracy", "val_f1", "hp/best_val_mcc"} <= scalars
     # One chart per parameter group, named for what it holds (default recipe: one rate, with and without decay).
     assert {tag for tag in scalars if tag.startswith("lr-")} == {"lr-AdamW/all", "lr-AdamW/all-no_decay"}
-    assert {"train/samples", "train/lengths"} <= scalars  # ThroughputMonitor
+    assert {"train/samples_per_sec", "train/tokens_per_sec"} <= scalars  # TrainingThroughput
     assert {"val/confusion_matrix", "val/precision_recall_curve"} <= images
 
 
