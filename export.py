@@ -64,7 +64,7 @@ def load_torch_model(checkpoint: dict):
 
 
 def pooling(checkpoint: dict) -> str:
-    """How the checkpoint's model pools a sentence ("cls" or "mean", train.py's --model.pooling)."""
+    """How the checkpoint's model pools a sentence ("cls", "mean" or "mix", train.py's --model.pooling)."""
     return checkpoint.get("hyper_parameters", {}).get("pooling", "cls")
 
 
@@ -73,7 +73,7 @@ def load_classifier(checkpoint: dict):
     from model import SentenceClassifier  # Lightning comes with it: only the torch and export paths pay for it
 
     model, tokenizer = load_torch_model(checkpoint)
-    return SentenceClassifier(model, pooling(checkpoint)), tokenizer
+    return SentenceClassifier(model, pooling(checkpoint), checkpoint["state_dict"].get("layer_mix")), tokenizer
 
 
 @contextlib.contextmanager

@@ -60,17 +60,24 @@ def group_name(parts: list[str], all_parts: list[str]) -> str:
     return "+".join(run[0] if len(run) == 1 else f"{run[0]}..{run[-1]}" for run in runs)
 
 
-def sentence_logits(model: PreTrainedModel, pooling: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def sentence_logits(
+    model: PreTrainedModel, pooling: str, inputs: dict[str, torch.Tensor], layer_mix: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Logits of a transformers *ForSequenceClassification model for a batch of inputs (no labels).
 
     "cls": the model's own head (BERT's: its pooler on the [CLS] vector, pretrained by next-sentence
     prediction). "mean": the head's last linear layer on the average of the last layer's token vectors,
     padding left out, as sentence-embedding models (e.g. all-MiniLM-L6-v2) were trained; their [CLS]
-    vector and pooler never were.
+    vector and pooler never were. "mix": the same average of a learned softmax-weighted sum of every
+    layer's token vectors, embeddings included (ELMo's scalar mix; layer_mix holds the logits of the weights).
     """
     if pooling == "cls":
         return model(**inputs).logits
-    hidden = model.base_model(**inputs).last_hidden_state
+    if pooling == "mix":
+        layers = torch.stack(model.base_model(**inputs, output_hidden_states=True).hidden_states)
+        hidden = torch.einsum("l,lbth->bth", layer_mix.softmax(0), layers)
+    else:
+        hidden = model.base_model(**inputs).last_hidden_state
     mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     return model.classifier(model.dropout((hidden * mask).sum(1) / mask.sum(1)))
 
@@ -78,9 +85,10 @@ def sentence_logits(model: PreTrainedModel, pooling: str, inputs: dict[str, torc
 class SentenceClassifier(torch.nn.Module):
     """A trained *ForSequenceClassification model as inference runs and exports it: inputs in, logits out."""
 
-    def __init__(self, model: PreTrainedModel, pooling: str) -> None:
+    def __init__(self, model: PreTrainedModel, pooling: str, layer_mix: Optional[torch.Tensor] = None) -> None:
         super().__init__()
         self.model, self.pooling = model, pooling
+        self.register_buffer("layer_mix", layer_mix)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None
@@ -88,7 +96,7 @@ class SentenceClassifier(torch.nn.Module):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:  # BERT's tokenizer gives them; DistilBERT's does not
             inputs["token_type_ids"] = token_type_ids
-        return sentence_logits(self.model, self.pooling, inputs)
+        return sentence_logits(self.model, self.pooling, inputs, self.layer_mix)
 
 
 def check_options(
@@ -120,7 +128,8 @@ class ColaModel(pl.LightningModule):
         layer_decay: layer-wise learning-rate decay: each layer below the top learns this much slower
             (1: one learning rate for all).
         head_learning_rate: learning rate of the new, randomly initialised classifier (None: learning_rate).
-        pooling: how a sentence becomes one vector for the classifier: "cls" or "mean" (see sentence_logits).
+        pooling: how a sentence becomes one vector for the classifier: "cls", "mean" or "mix" (see sentence_logits).
+        num_layers: keep only the first num_layers encoder layers (None: all).
         freeze_word_embeddings: keep the pretrained word vectors as they are (position and type vectors train).
     """
 
@@ -132,8 +141,9 @@ class ColaModel(pl.LightningModule):
         warmup_ratio: float = 0.1,
         layer_decay: float = 1.0,
         head_learning_rate: Optional[float] = None,
-        pooling: Literal["cls", "mean"] = "cls",
+        pooling: Literal["cls", "mean", "mix"] = "cls",
         freeze_word_embeddings: bool = False,
+        num_layers: Optional[int] = None,
     ) -> None:
         super().__init__()
         check_options(learning_rate, weight_decay, warmup_ratio, layer_decay, head_learning_rate)
@@ -144,6 +154,7 @@ class ColaModel(pl.LightningModule):
                 num_labels=len(LABEL_NAMES),
                 id2label=dict(enumerate(LABEL_NAMES)),
                 label2id={name: i for i, name in enumerate(LABEL_NAMES)},
+                **({"num_hidden_layers": num_layers} if num_layers else {}),
             )
             self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
         # from_pretrained returns the model in eval mode and Lightning keeps each module's mode as it finds it:
@@ -154,15 +165,17 @@ class ColaModel(pl.LightningModule):
             # Again, with the rate resolved, so that hparams.yaml and checkpoints record the rate used, not null.
             # (An explicit dict: under LightningCLI a plain call would record the parsed arguments again.)
             self.save_hyperparameters(dict(self.hparams))
-        if pooling == "mean":
+        if pooling != "cls":
             head = {name for name, _ in self.model.named_children()} - {self.model.base_model_prefix}
             if head != {"dropout", "classifier"} or not isinstance(self.model.classifier, torch.nn.Linear):
                 raise OptionError(
-                    f"--model.pooling mean needs a BERT-style head (one linear layer on the pooled vector);"
+                    f"--model.pooling {pooling} needs a BERT-style head (one linear layer on the pooled vector);"
                     f" {type(self.model).__name__} has its own: use --model.pooling cls"
                 )
             if getattr(self.model.base_model, "pooler", None) is not None:
                 self.model.base_model.pooler.requires_grad_(False)  # unused: DDP fails on parameters without gradients
+        # Zeros: training starts from the plain average of the embeddings and every layer.
+        self.layer_mix = torch.nn.Parameter(torch.zeros(self.model.config.num_hidden_layers + 1)) if pooling == "mix" else None
         if freeze_word_embeddings:
             # The word vectors are half of a small model's weights (11.7M of MiniLM-L6's 22.7M), and CoLA's 7.5k
             # training sentences touch few of the 30k words: moving those away from the rest cost 0.012 val MCC
@@ -181,7 +194,8 @@ class ColaModel(pl.LightningModule):
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, cross-entropy loss) of a batch with labels."""
-        logits = sentence_logits(self.model, self.hparams.pooling, {k: v for k, v in batch.items() if k != "labels"})
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = sentence_logits(self.model, self.hparams.pooling, inputs, self.layer_mix)
         return logits, torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -213,6 +227,9 @@ class ColaModel(pl.LightningModule):
         confusion, pr_curve = self.val_confusion.compute(), self.val_pr_curve.compute()
         self.val_confusion.reset()
         self.val_pr_curve.reset()
+        if self.layer_mix is not None:  # which layers the classifier reads, as TensorBoard scalars
+            names = ["embeddings", *(f"layer_{i}" for i in range(self.model.config.num_hidden_layers))]
+            self.log_dict({f"layer_mix/{name}": w for name, w in zip(names, self.layer_mix.detach().softmax(0))})
         if self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
         for logger in self.loggers:
@@ -248,6 +265,9 @@ class ColaModel(pl.LightningModule):
         for group in groups.values():
             parts = sorted(group.pop("parts"), key=part_order.index)
             group["name"] = group_name(parts, present) + ("" if group["weight_decay"] else "-no_decay")
+        if self.layer_mix is not None:
+            groups["layer_mix"] = {"params": [self.layer_mix], "lr": hp.head_learning_rate or hp.learning_rate,
+                                   "weight_decay": 0.0, "name": "layer_mix"}
         return list(groups.values())
 
     def configure_optimizers(self) -> dict:
