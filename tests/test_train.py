@@ -171,3 +171,35 @@ def test_a_signal_during_the_end_of_run_export_says_the_run_is_saved(monkeypatch
         train.export_for_inference("logs/cola/version_0/checkpoints/best.ckpt")
     assert stopped.value.code == 130  # not "stopped before training started"
     assert "export interrupted; the run is done and saved" in capsys.readouterr().err
+
+
+def test_num_layers_keeps_the_first_layers_in_export_int8_serving_and_resume(tmp_path, tiny_model_dir, tiny_data_dir):
+    from fastapi.testclient import TestClient
+
+    from inference import ColaPredictor
+    from serve import Settings, create_app
+
+    args = [*tiny_train_args(tiny_model_dir, tiny_data_dir), "--model.num_layers", "1", "--model.pooling", "mean"]
+    result = run_train(tmp_path, *args, "--trainer.max_epochs", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "logs/cola/version_0"
+    best = tmp_path / json.loads((run_dir / "metrics.json").read_text())["best_model_path"]
+    checkpoint = torch.load(best, weights_only=True)
+    assert checkpoint["hf_config"]["num_hidden_layers"] == 1  # so inference builds the same 1-layer model
+    layers = {name.split(".layer.")[1].split(".")[0] for name in checkpoint["state_dict"] if ".layer." in name}
+    assert layers == {"0"}  # the tiny model's first of its 2 layers
+
+    sentences = ["The dog sat on the mat.", "Mat the on sat dog the.", "A big cat ran quickly under the bench."]
+    probabilities = {
+        backend: [r["probabilities"]["acceptable"] for r in ColaPredictor(best, backend).predict(sentences)]
+        for backend in ("torch", "onnx", "onnx-int8")
+    }
+    assert probabilities["onnx"] == pytest.approx(probabilities["torch"], abs=1e-4)
+    assert probabilities["onnx-int8"] == pytest.approx(probabilities["torch"], abs=0.03)
+    predictor = ColaPredictor(best)
+    with TestClient(create_app(predictor, Settings(checkpoint=str(best)))) as client:
+        assert client.post("/predict", json={"sentences": sentences}).json() == predictor.predict(sentences)
+
+    resumed = run_train(tmp_path, *args, "--trainer.max_epochs", "2", "--ckpt_path", str(run_dir / "checkpoints/last.ckpt"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 2
