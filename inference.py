@@ -210,10 +210,12 @@ def progress_bar(batches: list, enabled: bool):
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Refuse, in one line, a command line whose input is missing or would be partly ignored."""
-    if args.export or args.glue_test:
-        option = "--export" if args.export else "--glue_test"
-        if args.sentences or args.file or (args.export and args.glue_test):
-            raise InputError(f"{option} reads no other input: give it without sentences, --file, --export or --glue_test")
+    if args.export:
+        if args.sentences or args.file or args.glue_test:
+            raise InputError("--export writes a model folder and classifies nothing: give it without sentences, --file or --glue_test")
+    elif args.glue_test:
+        if args.sentences or args.file:
+            raise InputError("--glue_test classifies GLUE's test.tsv and nothing else: give it without sentences or --file")
     elif not (args.sentences or args.file):
         raise InputError("give sentences, '-' for standard input, --file PATH, --glue_test TSV or --export DIR")
     elif args.file and len(args.file) > 1:

@@ -229,6 +229,9 @@ def test_bad_input_files(trained, tmp_path):
     (["-", "--file", "in.txt"], "both as arguments and with --file"),
     (["--file", "in.txt", "--file", "in.txt"], "--file given more than once"),
     (["A cat ran.", "--export", "exported"], "--export writes a model folder and classifies nothing"),
+    (["--glue_test", "in.txt", "--export", "exported"], "--export writes a model folder and classifies nothing"),
+    (["A cat ran.", "--glue_test", "in.txt"], "--glue_test classifies GLUE's test.tsv and nothing else"),
+    (["--glue_test", "in.txt", "--file", "in.txt"], "--glue_test classifies GLUE's test.tsv and nothing else"),
     ([], "give sentences, '-' for standard input"),
     (["--no-such-option"], "unrecognized arguments: --no-such-option"),
 ])
