@@ -373,8 +373,8 @@ def check_same_settings(ckpt_path: str, checkpoint: dict, settings: dict[str, di
         for name, value in settings[group].items():
             if name in FREE_ON_RESUME or name not in saved or saved[name] == value:
                 continue
-            if group == "model" and value is None:
-                continue  # "the default": the model saved the one it picked (--model.learning_rate, by model size)
+            if name == "learning_rate" and value is None:
+                continue  # "the default": the model saved the one it picked by model size
             if name == "data_dir" and saved[name] and value and Path(saved[name]).resolve() == Path(value).resolve():
                 continue  # the same folder, spelt another way
             raise CheckpointError(

@@ -188,3 +188,10 @@ def test_frozen_word_embeddings_stay_pretrained_while_the_rest_trains(model_kind
     assert word_name not in changed and torch.equal(words, before[word_name])
     assert any("position_embeddings" in name for name in changed)  # only the word vectors are frozen
     assert any(name.startswith("classifier") for name in changed)
+
+
+def test_num_layers_outside_the_model_is_refused_in_one_line(tiny_model_dir):
+    with pytest.raises(OptionError, match=r"--model.num_layers 3: .* has 2 layers; use at most 2"):
+        ColaModel(str(tiny_model_dir), num_layers=3)  # the extra layer would start from random weights
+    with pytest.raises(OptionError, match="--model.num_layers must be at least 1"):
+        ColaModel(str(tiny_model_dir), num_layers=0)

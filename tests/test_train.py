@@ -178,3 +178,42 @@ def test_the_model_summary_counts_flops_on_an_example_sentence(trained):
     _, result = trained
     flops = re.search(r"Total FLOPs: (\S+)", result.stdout)
     assert flops and flops[1] != "0", result.stdout[:3000]  # Lightning prints 0 for a model without example input
+
+
+def test_num_layers_keeps_the_first_layers_in_export_int8_serving_and_resume(tmp_path, tiny_model_dir, tiny_data_dir):
+    from fastapi.testclient import TestClient
+
+    from inference import ColaPredictor
+    from serve import Settings, create_app
+
+    args = [*tiny_train_args(tiny_model_dir, tiny_data_dir), "--model.num_layers", "1", "--model.pooling", "mean"]
+    result = run_train(tmp_path, *args, "--trainer.max_epochs", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "logs/cola/version_0"
+    best = tmp_path / json.loads((run_dir / "metrics.json").read_text())["best_model_path"]
+    checkpoint = torch.load(best, weights_only=True)
+    assert checkpoint["hf_config"]["num_hidden_layers"] == 1  # so inference builds the same 1-layer model
+    layers = {name.split(".layer.")[1].split(".")[0] for name in checkpoint["state_dict"] if ".layer." in name}
+    assert layers == {"0"}  # the tiny model's first of its 2 layers
+
+    sentences = ["The dog sat on the mat.", "Mat the on sat dog the.", "A big cat ran quickly under the bench."]
+    probabilities = {
+        backend: [r["probabilities"]["acceptable"] for r in ColaPredictor(best, backend).predict(sentences)]
+        for backend in ("torch", "onnx", "onnx-int8")
+    }
+    assert probabilities["onnx"] == pytest.approx(probabilities["torch"], abs=1e-4)
+    assert probabilities["onnx-int8"] == pytest.approx(probabilities["torch"], abs=0.03)
+    predictor = ColaPredictor(best)
+    with TestClient(create_app(predictor, Settings(checkpoint=str(best)))) as client:
+        assert client.post("/predict", json={"sentences": sentences}).json() == predictor.predict(sentences)
+
+    last = str(run_dir / "checkpoints/last.ckpt")
+    all_layers = run_train(tmp_path, *args[:-4], "--model.pooling", "mean", "--trainer.max_epochs", "2", "--ckpt_path", last)
+    assert all_layers.returncode == 1  # null (all layers) is not the 1 it was trained with
+    assert all_layers.stderr.strip().splitlines()[-1].endswith(
+        "trained with --model.num_layers 1, not None: resume with the options it was trained with"
+        " (its run folder's config.yaml has them), or start a new run"
+    ), all_layers.stderr[-2000:]
+    resumed = run_train(tmp_path, *args, "--trainer.max_epochs", "2", "--ckpt_path", last)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 2
