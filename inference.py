@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 
 BATCH_SIZE = 64
 CHUNK_LINES = 10_000  # --file and stdin are read, predicted and printed this many lines at a time: flat memory
+# A longer line is no sentence (the model reads at most 512 tokens, a few thousand characters), and reading it whole
+# would take memory without bound (a 20 MB line took 3 GB; /dev/zero has no line end at all).
+MAX_LINE_BYTES = 16 * 1024
 NOT_FINITE = "the model's output is not a finite number (NaN or infinity): its weights are damaged"
 BACKENDS = ("onnx", "onnx-int8", "torch")
 
@@ -254,7 +257,11 @@ def read_lines(source: BinaryIO, name: str) -> Iterator[list[str]]:
     number, error = 0, None
     with source:
         try:
-            for number, raw in enumerate(source, start=1):
+            for number, raw in enumerate(iter(lambda: source.readline(MAX_LINE_BYTES + 1), b""), start=1):
+                if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                    error = InputError(f"{name}:{number}: a line longer than {MAX_LINE_BYTES:,} bytes is no sentence;"
+                                       " put one sentence on each line")
+                    break
                 if number == 1:  # without the byte-order mark some Windows editors write at the start
                     raw = raw.removeprefix(b"\xef\xbb\xbf")
                     if not raw:

@@ -194,6 +194,15 @@ def read_space(path: Optional[str]) -> dict:
             valid_range and all(isinstance(spec[k], (int, float)) and not isinstance(spec[k], bool) for k in ("low", "high"))
         ):
             raise SweepError(f"{path}: {name}: give a list of choices, or {{low: 1.0e-5, high: 1.0e-4, log: true}}")
+        # Optuna would accept these here and fail at the first trial, after the study has recorded this command.
+        if isinstance(spec, dict):
+            low, high, log = spec["low"], spec["high"], spec.get("log", False)
+            if not isinstance(log, bool):
+                raise SweepError(f"{path}: {name}: log is true or false, not {log!r}")
+            if not low <= high:  # NaN too
+                raise SweepError(f"{path}: {name}: low ({low}) is above high ({high}): swap them")
+            if log and not low > 0:
+                raise SweepError(f"{path}: {name}: log: true needs a low above 0, not {low}")
     return space
 
 

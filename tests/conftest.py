@@ -15,6 +15,13 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "slow: real services, images, sweeps and long training runs; left out of the fast tier between edits"
+        " (python -m pytest -q -m 'not slow'), run by CI"
+    )
+
 WORDS = "the a boy girl dog cat sat ran saw is was on under bench mat park big small quickly".split()
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 REPO = Path(__file__).resolve().parent.parent

@@ -50,6 +50,7 @@ def test_clock_marks_each_boundary_once_even_when_two_fall_on_one_step():
     assert result["steps"] == 3 and result["batches"] == [(2, 7, 10)] * 3
 
 
+@pytest.mark.slow
 def test_speed_runs_ours_and_the_trainer_on_the_tiny_model(tmp_path, tiny_model_dir, tiny_data_dir):
     report = tmp_path / "speed.json"
     result = subprocess.run(

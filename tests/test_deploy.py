@@ -19,6 +19,8 @@ from checkpoints import CheckpointError
 from conftest import REPO
 from inference import ColaPredictor, InputError
 
+pytestmark = pytest.mark.slow  # podman image builds and fresh venvs: the fast tier leaves them to CI
+
 SENTENCES = ["The dog sat on the mat.", "Mat the on sat dog the.", "A big cat ran quickly under the bench.", ""]
 HEAVY = ("torch", "lightning", "pytorch_lightning", "transformers")
 # podman as this machine and CI allow it: setting RLIMIT_NPROC is forbidden, and crun refuses their cgroups.

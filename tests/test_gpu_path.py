@@ -123,6 +123,7 @@ def test_the_guard_also_stops_before_a_checkpoint_is_saved(monkeypatch, tiny_mod
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+@pytest.mark.slow
 def test_compiled_model_computes_the_eager_loss_and_gradients(tiny_model_dir, tiny_data_dir):
     datamodule = make_datamodule(tiny_model_dir, tiny_data_dir, batch_size=8, pad_to_buckets=True)
     batch = next(iter(datamodule.train_dataloader()))
@@ -147,6 +148,7 @@ def test_compiled_model_computes_the_eager_loss_and_gradients(tiny_model_dir, ti
         torch.testing.assert_close(grad, eager_grads[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow
 def test_a_compiled_run_trains_checkpoints_resumes_and_exports(tmp_path, tiny_model_dir, tiny_data_dir):
     args = [*tiny_train_args(tiny_model_dir, tiny_data_dir), "--model.compile", "true"]
     first = run_train(tmp_path, *args, "--trainer.max_epochs", "1")

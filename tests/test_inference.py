@@ -222,6 +222,28 @@ def test_bad_input_files(trained, tmp_path):
     assert "latin1.txt:2: not valid UTF-8" in one_line_error(run_inference(workdir, "--file", str(tmp_path / "latin1.txt")))
 
 
+@pytest.mark.parametrize("source", ["file", "stdin-json", "dev-zero"])
+def test_a_line_too_long_to_be_a_sentence_is_one_line_in_bounded_memory(trained, tmp_path, source):
+    import resource
+
+    workdir, _ = trained
+    long_input = b"The dog sat.\n" + b"x" * 20_000_000 + b"\n"  # took 3 GB before lines were read with a cap
+    args, stdin, where = {
+        "file": (["--file", str(tmp_path / "long.txt")], None, f"{tmp_path / 'long.txt'}:2"),
+        "stdin-json": (["--json", "-"], long_input, "<stdin>:2"),
+        "dev-zero": (["--file", "/dev/zero"], None, "/dev/zero:1"),  # no line end, ever
+    }[source]
+    (tmp_path / "long.txt").write_bytes(long_input)
+    cap = 2**30  # address space: the fast path needs well under this
+    result = subprocess.run(
+        [sys.executable, str(REPO / "inference.py"), *args], cwd=workdir, input=stdin, capture_output=True, timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap)),
+    )
+    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
+    assert one_line_error(result) == f"error: {where}: a line longer than 16,384 bytes is no sentence; put one sentence on each line"
+    assert len(result.stdout) < 1000  # nothing of the long line echoed back
+
+
 @pytest.mark.parametrize("args, message", [
     (["-", "A cat ran."], "'-' (read standard input) cannot be mixed"),
     (["A cat ran.", "-"], "'-' (read standard input) cannot be mixed"),
@@ -255,6 +277,11 @@ class Exploit:
         return (print, ("pwned",))
 
 
+class ShellExploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
 @pytest.mark.parametrize(
     "kind, message",
     [
@@ -263,7 +290,9 @@ class Exploit:
         ("random-bytes", "not a checkpoint: not the zip archive that torch.save writes"),
         ("truncated", "not a checkpoint: not the zip archive that torch.save writes"),
         ("foreign", "not a checkpoint of this project"),
-        ("pickled-code", "not a loadable checkpoint"),
+        ("pickled-code", "refused: it holds a pickled print, which loading could run as code; this project's"
+                         " checkpoints hold only weights and plain data"),
+        ("pickled-shell", "refused: it holds a pickled posix.system, which loading could run as code"),
         ("missing", "checkpoint not found"),
     ],
 )
@@ -281,12 +310,15 @@ def test_bad_checkpoints_are_refused_in_one_line(best_checkpoint, tmp_path, kind
         torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
     elif kind == "pickled-code":
         torch.save({"state_dict": {}, "hf_config": Exploit(), "tokenizer_files": {}}, path, pickle_module=pickle)
+    elif kind == "pickled-shell":
+        torch.save({"state_dict": {}, "hf_config": ShellExploit(), "tokenizer_files": {}}, path)
     with pytest.raises(CheckpointError, match=str(path)):
         ColaPredictor(path)
     result = run_inference(tmp_path, "--checkpoint", str(path), "Hello.")
     line = one_line_error(result)
     assert line.startswith(f"error: {path}: {message}"), line
     assert "pwned" not in result.stdout and "_use_new_zipfile_serialization" not in line  # torch's advice misleads here
+    assert "weights_only" not in line and "safe_globals" not in line  # never advice to turn the check off
 
 
 # Property-based: whatever the input, one result per line in order, or one InputError; never another exception.
@@ -557,11 +589,12 @@ class StreamThatFails:
     before must already be out."""
 
     def __init__(self, lines: list[bytes]) -> None:
-        self.lines = lines
+        self.lines = list(lines)
 
-    def __iter__(self):
-        yield from self.lines
-        raise OSError(5, "Input/output error")
+    def readline(self, limit: int = -1) -> bytes:  # as a file does; each test line is shorter than the limit
+        if not self.lines:
+            raise OSError(5, "Input/output error")
+        return self.lines.pop(0)
 
     def __enter__(self):
         return self

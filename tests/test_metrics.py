@@ -21,6 +21,8 @@ from benchmarks.serve_load import free_port
 from serve import Settings, create_app
 from test_serve import SENTENCES, best_checkpoint, predictor, start_server  # noqa: F401 (fixtures)
 
+pytestmark = pytest.mark.slow  # a real Prometheus server and --workers processes: the fast tier leaves them to CI
+
 
 def samples(metrics_text: str) -> dict[tuple, float]:
     """{(sample name, sorted labels...): value} of a /metrics answer, parsed as Prometheus parses it."""

@@ -13,6 +13,8 @@ from playwright.sync_api import Browser, expect, sync_playwright
 from inference import ColaPredictor
 from test_serve import best_checkpoint, start_server  # noqa: F401 (best_checkpoint is a fixture)
 
+pytestmark = pytest.mark.slow  # a real browser (Debian's Chromium): the fast tier leaves it to CI
+
 CHROMIUM = Path("/usr/bin/chromium")
 # Playwright's own browser download is never used (it needs the internet): this is the system's browser.
 CHROMIUM_ARGS = [

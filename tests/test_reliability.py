@@ -259,7 +259,7 @@ class Exploit:
         ("missing", "checkpoint not found"),
         ("truncated", "not a checkpoint: not the zip archive that torch.save writes"),
         ("damaged-in-its-middle", "damaged: the bytes of archive/data/"),
-        ("pickled-code", "not a loadable checkpoint"),
+        ("pickled-code", "refused: it holds a pickled "),
         ("foreign", "not a checkpoint of this project"),
         ("weights-only", "holds model weights only, no training state to resume from"),
     ],
@@ -389,6 +389,7 @@ def test_train_with_the_hub_unreachable_fails_at_once_in_one_line(tmp_path, tiny
     ], result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_last_checkpoint_exits_143_and_the_resumed_run_ends_like_an_undisturbed_one(
     trained, tmp_path, tiny_model_dir, tiny_data_dir
 ):

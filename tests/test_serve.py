@@ -253,6 +253,7 @@ def test_start_up_errors_are_one_line(tmp_path):
     assert result.returncode == 2 and result.stderr == "error: --port must be 0-65535 (0: any free port), not 99999\n"
 
 
+@pytest.mark.slow
 def test_load_benchmark_runs_batched_and_unbatched(best_checkpoint, tiny_data_dir, tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "serve_load.py"), "--checkpoint", str(best_checkpoint),

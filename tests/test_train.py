@@ -92,6 +92,7 @@ def test_bad_tsv_line_stops_with_one_line_error(tmp_path, tiny_model_dir, tiny_d
     assert not list(tmp_path.glob("logs/cola/*/checkpoints/*.ckpt"))
 
 
+@pytest.mark.slow
 def test_ddp_on_cpu_with_two_processes(tmp_path, tiny_model_dir, tiny_data_dir):
     # Mean pooling leaves BERT's pooler unused; DDP fails on trainable parameters that get no gradient.
     args = [*tiny_train_args(tiny_model_dir, tiny_data_dir), "--model.pooling", "mean"]
@@ -119,7 +120,7 @@ def test_help_lists_model_data_trainer_and_callback_options(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     for option in ("--model.learning_rate", "--data.data_dir", "--data.max_length", "--trainer.max_epochs",
                    "--trainer.devices", "--early_stopping.patience", "--checkpoint.monitor", "--ckpt_path", "--config",
-                   "--save_last_every_minutes"):
+                   "--save_last_every_minutes", "--model.num_layers"):
         assert option in result.stdout
 
 
@@ -180,6 +181,7 @@ def test_the_model_summary_counts_flops_on_an_example_sentence(trained):
     assert flops and flops[1] != "0", result.stdout[:3000]  # Lightning prints 0 for a model without example input
 
 
+@pytest.mark.slow
 def test_num_layers_keeps_the_first_layers_in_export_int8_serving_and_resume(tmp_path, tiny_model_dir, tiny_data_dir):
     from fastapi.testclient import TestClient
 

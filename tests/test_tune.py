@@ -3,6 +3,7 @@ the best trial served, bad input. Each trial trains 2 epochs of 6 steps."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,6 +22,8 @@ import train
 import tune
 from benchmarks import serve_load
 from conftest import REPO, tiny_train_args
+
+pytestmark = pytest.mark.slow  # whole sweeps, two workers, a PostgreSQL server: the fast tier leaves them to CI
 
 FAULTY = REPO / "tests" / "faulty_train.py"
 
@@ -201,6 +204,9 @@ def test_bad_input_is_one_line_and_leaves_no_trial(tmp_path, tiny_model_dir, tin
     (tmp_path / "space.yaml").write_text("model.lerning_rate: {low: 1.0e-5, high: 1.0e-3, log: true}\n")
     code, err = run_tune_here(tmp_path, [*args, "--search_space", "space.yaml"], monkeypatch, capsys)
     assert code == 1 and err.count("\n") == 1 and err.startswith("error: space.yaml:") and "lerning_rate" in err
+    (tmp_path / "space.yaml").write_text("model.learning_rate: {low: 1.0e-3, high: 1.0e-5, log: true}\n")  # reversed
+    code, err = run_tune_here(tmp_path, [*args, "--search_space", "space.yaml"], monkeypatch, capsys)
+    assert code == 1 and err == "error: space.yaml: model.learning_rate: low (0.001) is above high (1e-05): swap them\n"
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         storage = f"postgresql://user:secret@127.0.0.1:{s.getsockname()[1]}/db"
@@ -216,9 +222,18 @@ def test_a_search_space_varies_the_options_it_names(tmp_path):
     trial = study.ask()
     values = {name: tune.sample(trial, name, spec) for name, spec in space.items()}
     assert 1e-5 <= values["model.learning_rate"] <= 1e-3 and values["model.pooling"] in ("cls", "mean")
-    for bad in ("seed_everything: [1, 2]", "model.pooling: cls", "model.learning_rate: {low: 1}"):
+    for bad, message in (
+        ("seed_everything: [1, 2]", "seed_everything: tune.py sets it"),
+        ("model.pooling: cls", "model.pooling: give a list of choices"),
+        ("model.pooling: []", "model.pooling: give a list of choices"),
+        ("model.learning_rate: {low: 1}", "model.learning_rate: give a list of choices"),
+        ("model.learning_rate: {low: 1.0e-3, high: 1.0e-5}", r"model.learning_rate: low \(0.001\) is above high \(1e-05\): swap them"),
+        ("model.warmup_ratio: {low: .nan, high: 0.2}", "model.warmup_ratio: low \\(nan\\) is above high"),
+        ("model.learning_rate: {low: 0.0, high: 1.0e-3, log: true}", "model.learning_rate: log: true needs a low above 0, not 0.0"),
+        ("model.learning_rate: {low: 1.0e-5, high: 1.0e-3, log: yes please}", "model.learning_rate: log is true or false"),
+    ):
         (tmp_path / "bad.yaml").write_text(bad)
-        with pytest.raises(tune.SweepError, match="bad.yaml"):
+        with pytest.raises(tune.SweepError, match=f"^{re.escape(str(tmp_path / 'bad.yaml'))}: {message}"):
             tune.read_space(str(tmp_path / "bad.yaml"))
 
 
