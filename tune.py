@@ -321,6 +321,9 @@ def main() -> None:
         study.set_user_attr("command", command)
     elif study.user_attrs["command"] != command:
         raise SweepError(f"study {options.study!r} in {options.storage} ran other options: give the same ones, or a new --study")
+    # A trial whose worker died (kill -9, out of memory, a machine lost) stays RUNNING in the storage, and done()
+    # counts it: fail it now, as study.optimize would only once a trial starts, so that its retry is queued.
+    optuna.storages.fail_stale_trials(study)
     if not sweep.done(study):
         # Ctrl-C and SIGTERM before and between trials also stop in one line (during training train.py's own handling).
         previous = {signum: signal.signal(signum, train.stop_before_training) for signum in (signal.SIGINT, signal.SIGTERM)}

@@ -189,6 +189,23 @@ def test_a_ctrl_c_and_a_kill_9_continue_with_the_same_command(tmp_path, tiny_mod
     assert "stopped, retried" in out
 
 
+def test_a_sweep_whose_only_trial_lost_its_worker_finishes_with_the_same_command(tmp_path, tiny_model_dir, tiny_data_dir):
+    """kill -9 in the last trial still needed: that trial counted as running forever, and every later run of the
+    command said "still running" and trained nothing. Now it is failed once its heartbeat is stale, and retried."""
+    args = ["--n_trials", "1", "--heartbeat_seconds", "1", *tune_args(tiny_model_dir, tiny_data_dir)]
+    killed = start(tmp_path, "killed", args, fault="pause_before_step:8")  # 6 steps an epoch: in epoch 2
+    wait_for_pause(tmp_path, "killed", killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    time.sleep(3)  # stale after 2 heartbeats without a beat
+    code, out, err = finish(tmp_path, "again", start(tmp_path, "again", args))
+    assert code == 0 and "still running" not in err, err[-3000:]
+    trials = finished_trials(f"sqlite:///{tmp_path}/logs/tune.db")
+    assert [t.user_attrs["seed"] for t in trials] == [1] and trials[0].state == optuna.trial.TrialState.COMPLETE
+    assert Path(trials[0].user_attrs["run_dir"]) == tmp_path / "logs" / "cola" / "version_0"  # resumed in its folder
+    assert sorted(trials[0].intermediate_values) == [1, 2]
+
+
 def run_tune_here(workdir: Path, args: list[str], monkeypatch, capsys) -> tuple[int, str]:
     monkeypatch.chdir(workdir)
     monkeypatch.setattr(sys, "argv", ["tune.py", *args])
