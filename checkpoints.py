@@ -312,14 +312,13 @@ def load_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{path}: {damage}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise CheckpointError(f"{path}: not a loadable checkpoint (truncated, tampered or another format): {first_line(e)}")
-        # torch's text goes on to advise weights_only=False, which would run the code: name what was refused, never that.
-        blocked = re.search(r"GLOBAL (\S+)", str(e))
-        what = f"a pickled {blocked[1]}" if blocked else "pickled objects beyond tensors and plain data"
-        raise CheckpointError(f"{path}: refused: it holds {what}, which loading could run as code; this project's checkpoints hold only weights and plain data") from None
-    except Exception as e:  # RuntimeError, EOFError...: all mean "not a usable file"
+    except Exception as e:  # RuntimeError, UnpicklingError, EOFError...: all mean "not a usable file"
+        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
+            # torch's text goes on to advise weights_only=False, which would run the code: name what was refused, never that.
+            blocked = re.search(r"GLOBAL (\S+)", str(e))
+            what = f"a pickled {blocked[1]}" if blocked else "pickled objects beyond tensors and plain data"
+            raise CheckpointError(f"{path}: refused: it holds {what}, which loading could run as code; this project's"
+                                  " checkpoints hold only weights and plain data") from None
         raise CheckpointError(f"{path}: not a loadable checkpoint (truncated, tampered or another format): {first_line(e)}")
     if not isinstance(checkpoint, dict) or not {"hf_config", "tokenizer_files", "state_dict"} <= checkpoint.keys():
         raise CheckpointError(f"{path}: not a checkpoint of this project (no model config or tokenizer inside)")
