@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import xxhash
 
-from checkpoints import CheckpointError, first_line, load_checkpoint, resolve_checkpoint
+from checkpoints import CheckpointError, file_identity, first_line, load_checkpoint, resolve_checkpoint
 
 if TYPE_CHECKING:
     import onnx
@@ -186,22 +186,12 @@ def append_digest(path: Path) -> None:
 EXPORT_DAMAGED = "damaged or made by an older version (its bytes do not match the digest it ends with)"
 
 
-def export_intact(path: Path) -> bool:
-    """Whether the export at path ends with the digest of the bytes before it (see DIGEST_KEY)."""
-    try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            end = len(data) - DIGEST_ENTRY_LENGTH
-            return end > 0 and data[end:] == digest_entry(content_digest(data, end))
-    except (OSError, ValueError):  # ValueError: an empty file cannot be memory-mapped
-        return False
-
-
-def checkpoint_identity(checkpoint_path: Path) -> str:
-    """The checkpoint file as the file system knows it. Any write changes its ctime (which no tool can set
-    back) and a replacement its inode, so an unchanged identity means unchanged content, without the
-    ~0.12 s of hashing a 90 MB checkpoint on every start."""
-    stat = checkpoint_path.stat()
-    return f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
+def export_intact(data: bytes) -> bool:
+    """Whether an export's bytes end with the digest of the bytes before them (see DIGEST_KEY). The bytes, not
+    the file: ONNX Runtime is then given these very bytes, so a file written over after the check (or while
+    serving) never reaches it unchecked."""
+    end = len(data) - DIGEST_ENTRY_LENGTH
+    return end > 0 and data[end:] == digest_entry(content_digest(data, end))
 
 
 def file_sha256(path: Path) -> str:
@@ -230,7 +220,7 @@ class CachedExport:
 
     def __init__(self, checkpoint_path: Path) -> None:
         self.checkpoint_path = checkpoint_path
-        self.identity = checkpoint_identity(checkpoint_path)  # before hashing and loading: a later change shows
+        self.identity = file_identity(checkpoint_path)  # before hashing and loading: a later change shows
 
     @functools.cached_property
     def sha256(self) -> str:
@@ -273,12 +263,14 @@ class CachedExport:
         """(the session, None) for a good export at path; (None, why it must be built) otherwise."""
         import onnxruntime
 
-        if not path.is_file():
+        try:
+            data = path.read_bytes()
+        except OSError:  # none yet (or unreadable: rebuilt, and the write says why if it cannot be)
             return None, None
-        if not export_intact(path):
+        if not export_intact(data):
             return None, f"again: the cached {path} is {EXPORT_DAMAGED}"
         try:
-            session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+            session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
         except Exception:  # onnxruntime's InvalidProtobuf, Fail...: truncated or overwritten
             return None, f"again: the cached {path} is damaged"
         made_from = session.get_modelmeta().custom_metadata_map

@@ -21,6 +21,7 @@ copy): then neither torch, Lightning nor transformers is needed, only requiremen
 """
 
 import argparse
+import importlib.util
 import itertools
 import json
 import os
@@ -161,6 +162,10 @@ def resolve_model(path: Path, backend: str = "onnx") -> Path:
     if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):  # a mounted folder, say: one line, no traceback
         raise CheckpointError(f"{path}: this folder is not readable by user id {os.getuid()}; chmod -R a+rX it")
     exports = sorted(path.glob("*.onnx")) if path.is_dir() else [path] if path.suffix == ".onnx" else []
+    if not exports and path.exists() and importlib.util.find_spec("torch") is None:  # requirements-serve.txt: the image
+        raise CheckpointError(f"{path}: no ONNX export (.onnx) here, and without PyTorch only an export can be served:"
+                              " copy best-*.onnx from the run's checkpoints folder, where train.py writes it (for an"
+                              " older run, `python inference.py --checkpoint CKPT 'A sentence.'` makes it there)")
     if not exports:
         return resolve_checkpoint(path)
     if backend == "torch":
@@ -181,11 +186,15 @@ def load_export(path: Path) -> "onnxruntime.InferenceSession":
     import onnxruntime
 
     try:
-        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    except Exception as e:  # InvalidProtobuf, NoSuchFile, Fail...
+        data = path.read_bytes()  # checked and loaded from these bytes: the file may change meanwhile
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read: {e.strerror}") from None
+    try:
+        session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    except Exception as e:  # InvalidProtobuf, Fail...
         raise CheckpointError(f"{path}: not a loadable ONNX model (truncated or another format): {first_line(e)}") from None
     # This project's export (another ONNX model is refused later, as such): given as it is, it cannot be rebuilt.
-    if "checkpoint_sha256" in session.get_modelmeta().custom_metadata_map and not export_intact(path):
+    if "checkpoint_sha256" in session.get_modelmeta().custom_metadata_map and not export_intact(data):
         raise CheckpointError(f"{path}: {EXPORT_DAMAGED}; export it again from its checkpoint")
     return session
 

@@ -20,6 +20,8 @@ import re
 import signal
 import sys
 import tempfile
+import threading
+import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +52,8 @@ START_UP_ERRORS = (InputError, CheckpointError)
 # sentences/s in one slice of 32, 1.7-1.8x in slices of 8 or 16).
 MODEL_BATCH_SIZE = 8
 SETTINGS_VARIABLE = "COLA_SERVE_SETTINGS"  # how --workers N hands the settings to its worker processes
+SUPERVISOR_VARIABLE = "COLA_SERVE_SUPERVISOR"  # ... and the process id they exit without (exit_with_supervisor)
+SUPERVISOR_POLL_S = 0.5
 RETRY_AFTER_S = 1  # what a 503 tells the client to wait: the queue it found full empties in ~0.2 s
 # On SIGTERM, requests in flight finish, but a connection that never completes its request (a stalled
 # upload) would hold the shutdown forever: after this many seconds the rest are cancelled and the server
@@ -206,11 +210,12 @@ class PredictRequest(BaseModel):
     sentences: list[str]
 
 
-def checkpoint_facts(checkpoint: Path) -> dict:
+def checkpoint_facts(checkpoint: Path, export_base_model: Optional[str] = None) -> dict:
     """What /health, the page and /metrics say of the model, read without loading it, and naming no path of
     this machine: the checkpoint (or export) by run folder and file name (cola/version_0/best-....ckpt), the
     start of the served file's sha256, its val MCC from its file name (train.py's best-epoch=E-val_mcc=M.ckpt)
-    and the base model from its run folder's hparams.yaml (a local folder by its last two names)."""
+    and the base model from its run folder's hparams.yaml, else the one an export names (export_base_model);
+    a local folder by its last two names, whichever machine it was on."""
     run = run_folder_of(checkpoint)
     mcc = re.search(r"val_mcc=(-?[0-9.]+?)(?:-v\d+)?\.(?:ckpt|onnx|int8\.onnx)$", checkpoint.name)
     try:
@@ -218,6 +223,7 @@ def checkpoint_facts(checkpoint: Path) -> dict:
     except (OSError, UnicodeDecodeError, yaml.YAMLError):  # none, or damaged: /health says model null
         hparams = None
     model = hparams.get("model_name_or_path") if isinstance(hparams, dict) else None
+    model = model if isinstance(model, str) else export_base_model  # an export served without its run folder
     if isinstance(model, str) and Path(model).expanduser().is_absolute():
         model = "/".join(Path(model).parts[-2:])
     return {
@@ -242,8 +248,7 @@ def validation_message(error: dict) -> str:
 
 def create_app(predictor: ColaPredictor, settings: Settings) -> FastAPI:
     """The API and the page, serving predictor; the batcher runs while the app does (its lifespan)."""
-    facts = checkpoint_facts(Path(settings.checkpoint))
-    facts["model"] = facts["model"] or getattr(predictor, "base_model", None)  # an export without its run folder
+    facts = checkpoint_facts(Path(settings.checkpoint), getattr(predictor, "base_model", None))
     batch_size, wait_ms = (settings.max_batch_size, settings.max_wait_ms) if settings.batching else (1, 0)
     metrics = ServeMetrics({name: "" if value is None else str(value) for name, value in facts.items()})
 
@@ -334,8 +339,23 @@ def create_app(predictor: ColaPredictor, settings: Settings) -> FastAPI:
     return app
 
 
+def exit_with_supervisor(supervisor: int) -> None:
+    """Stop this worker (as SIGTERM does: gracefully) once the process that started it is gone. A supervisor
+    killed with SIGKILL (or by the OOM killer) tells its workers nothing: they would serve on, orphans holding
+    the port, and the next `python serve.py` would fail with "address already in use". Polled, not Linux's
+    PR_SET_PDEATHSIG, which fires when the starting *thread* ends and exists on no other system."""
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(SUPERVISOR_POLL_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="exit-with-supervisor", daemon=True).start()
+
+
 def app_from_environment() -> FastAPI:
     """The app of one of --workers N's processes: each loads the model itself (uvicorn needs an import string)."""
+    exit_with_supervisor(int(os.environ[SUPERVISOR_VARIABLE]))
     settings = Settings(**json.loads(os.environ[SETTINGS_VARIABLE]))
     return create_app(ColaPredictor(settings.checkpoint, backend=settings.backend), settings)
 
@@ -412,6 +432,7 @@ def main() -> None:
         return
     del predictor
     os.environ[SETTINGS_VARIABLE] = json.dumps(asdict(settings))
+    os.environ[SUPERVISOR_VARIABLE] = str(os.getpid())  # not the workers' getppid(): it may be gone before they look
     with tempfile.TemporaryDirectory(prefix="cola-serve-metrics-") as metrics_dir:
         os.environ[MULTIPROCESS_DIR] = metrics_dir  # the workers import prometheus_client in multiprocess mode
         config = uvicorn.Config("serve:app_from_environment", factory=True, workers=args.workers, **server)

@@ -59,7 +59,7 @@ def checks(checkpoint: Path, repeats: int) -> None:
         "export: blake2b (hashlib.file_digest)": lambda: hashlib.file_digest(open(export_path, "rb"), "blake2b"),
         "export: CRC-32 (zlib, memory map)": lambda: on_memory_map(export_path, zlib.crc32),
         "export: xxh3-64 (xxhash, memory map)": lambda: on_memory_map(export_path, xxhash.xxh3_64_hexdigest),
-        "export: export_intact() (xxh3-64, as inference.py)": lambda: export_intact(export_path),
+        "export: export_intact() (read, then xxh3-64, as inference.py)": lambda: export_intact(export_path.read_bytes()),
         "checkpoint: sha256 (hashlib.file_digest)": lambda: hashlib.file_digest(open(checkpoint, "rb"), "sha256"),
         "checkpoint: zipfile testzip() (reads and CRCs each member)": lambda: zipfile.ZipFile(checkpoint).testzip(),
         "checkpoint: archive_damage() (CRCs on a memory map, as load_checkpoint)": lambda: archive_damage(checkpoint),

@@ -109,7 +109,7 @@ def test_serving_an_export_imports_no_torch_even_where_it_is_installed(bundle):
     assert heavy_modules_after_serving(sys.executable, bundle) == []
 
 
-def test_a_venv_with_only_the_serving_requirements_serves_as_colapredictor(bundle, wheels, expected, tmp_path):
+def test_a_venv_with_only_the_serving_requirements_serves_as_colapredictor(bundle, wheels, expected, best_checkpoint, tmp_path):
     venv = tmp_path / "lean"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = str(venv / "bin" / "python")
@@ -130,6 +130,32 @@ def test_a_venv_with_only_the_serving_requirements_serves_as_colapredictor(bundl
         assert response.json() == expected
     finally:
         process.kill()
+    # Without PyTorch a checkpoint, or a folder without an export, is one line naming what to give instead.
+    for given in (best_checkpoint, best_checkpoint.parent.parent, tmp_path):
+        for command in (["serve.py", "--checkpoint", str(given)], ["inference.py", "--checkpoint", str(given), "Hi."]):
+            result = subprocess.run([python, *command], cwd=REPO, capture_output=True, text=True, timeout=120)
+            assert result.returncode != 0 and result.stdout == "", result.stdout
+            assert len(result.stderr.splitlines()) == 1 and "without PyTorch only an export" in result.stderr, result.stderr
+
+
+def lines_of_a_container_given(image: tuple[str, dict], folder: Path) -> tuple[int, list[str]]:
+    """(exit status, stderr lines) of the image's own command with folder mounted as /model."""
+    folder.chmod(0o755)
+    for file in folder.iterdir():
+        file.chmod(0o644)
+    # --no-healthcheck: podman would say on stderr that it cannot schedule the HEALTHCHECK without systemd.
+    result = podman(image, "run", "--rm", "--no-healthcheck", "-v", f"{folder}:/model:ro", image[0])
+    return result.returncode, result.stderr.splitlines()
+
+
+def test_the_image_given_a_checkpoint_or_nothing_says_in_one_line_it_needs_an_export(image, best_checkpoint, tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    shutil.copy(best_checkpoint, tmp_path / "ckpt")
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "ckpt", tmp_path / "empty"):
+        status, lines = lines_of_a_container_given(image, folder)
+        assert status != 0 and len(lines) == 1, lines
+        assert lines[0].startswith("error: /model: no ONNX export") and "best-*.onnx" in lines[0], lines
 
 
 # The image: built from nothing (a debootstrapped base kept in podman's store after the first run) and run.
@@ -187,11 +213,13 @@ def podman(image: tuple[str, dict], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["podman", *args], env=image[1], capture_output=True, text=True, timeout=120)
 
 
-def test_the_image_serves_as_colapredictor_and_stops_on_sigterm(image, expected):
+def test_the_image_serves_as_colapredictor_and_stops_on_sigterm(image, expected, tiny_model_dir):
     name, _ = image
     container, url = run_container(image, name)
     try:
         assert httpx.post(f"{url}/predict", json={"sentences": SENTENCES}, timeout=60).json() == expected
+        # The export's base model was a folder on the training machine: /health names its last two parts only.
+        assert httpx.get(f"{url}/health").json()["model"] == f"{tiny_model_dir.parent.name}/{tiny_model_dir.name}"
         assert podman(image, "healthcheck", "run", container).returncode == 0  # the image's HEALTHCHECK passes
         user = podman(image, "exec", container, "id", "-u").stdout.strip()
         assert user != "0", "the server runs as root"

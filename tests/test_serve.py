@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -449,3 +450,72 @@ def test_sigterm_ends_even_with_a_stalled_upload_and_exits_with_its_status(best_
     output = log.read_text()
     assert status == -signal.SIGTERM, output[-3000:]
     assert "timeout graceful shutdown exceeded" in output
+
+
+def test_a_checkpoint_written_over_under_a_torch_server_changes_no_answer(best_checkpoint, input_sensitive_checkpoint, tmp_path):
+    """`cp other.ckpt served.ckpt` under a running server writes the same file (inode): the server answers
+    with the weights it checked at start, and /health still names them."""
+    served = tmp_path / "served.ckpt"
+    shutil.copyfile(best_checkpoint, served)
+    process, url = start_server(served, "--backend", "torch")
+    try:
+        before = httpx.post(f"{url}/predict", json={"sentences": SENTENCES}, timeout=60).json()
+        health = httpx.get(f"{url}/health").json()
+        inode = served.stat().st_ino
+        shutil.copyfile(input_sensitive_checkpoint, served)  # as cp does: truncate, then write
+        assert served.stat().st_ino == inode
+        other = ColaPredictor(served, backend="torch").predict(SENTENCES)
+        assert other != before  # the new bytes would answer otherwise
+        assert httpx.post(f"{url}/predict", json={"sentences": SENTENCES}, timeout=60).json() == before
+        assert httpx.get(f"{url}/health").json() == health
+    finally:
+        process.kill()
+
+
+def processes_started_by(pid: int) -> list[int]:
+    """Linux: the processes whose parent is pid (/proc/N/stat's fourth field)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return children
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return False
+
+
+def test_workers_exit_when_their_supervisor_is_killed(best_checkpoint, tmp_path):
+    """kill -9 of `serve.py --workers 2` (or the OOM killer) tells its workers nothing: they must notice and
+    go, freeing the port for the next start."""
+    process, url = start_server(best_checkpoint, "--workers", "2", log=tmp_path / "serve.log")
+    children = processes_started_by(process.pid)
+    assert len(children) >= 2, children  # the two workers (and multiprocessing's resource tracker)
+    process.kill()
+    process.wait(timeout=10)
+    deadline = time.monotonic() + 15
+    while any(map(running, children)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(map(running, children)), (tmp_path / "serve.log").read_text()[-3000:]
+    with socket.socket() as free:  # nothing listens on the port any more
+        free.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        free.bind(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+
+
+def test_health_of_an_export_made_from_a_local_model_names_no_path(best_checkpoint, tiny_model_dir, tmp_path):
+    """An export served without its run folder (the image) names its base model from its own metadata,
+    where the training machine's folder is absolute: only its last two names reach a client."""
+    shutil.copy(best_checkpoint.with_suffix(".onnx"), tmp_path)
+    predictor = ColaPredictor(tmp_path)
+    assert Path(predictor.base_model) == tiny_model_dir  # what the export holds
+    with client_for(predictor, tmp_path / best_checkpoint.with_suffix(".onnx").name) as client:
+        health = client.get("/health").json()
+        page_facts = client.get("/metrics").text
+    assert health["model"] == f"{tiny_model_dir.parent.name}/{tiny_model_dir.name}"
+    assert str(tiny_model_dir) not in json.dumps(health) + page_facts
