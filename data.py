@@ -12,9 +12,8 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import AutoConfig, AutoTokenizer, DataCollatorWithPadding
 from transformers.data.data_collator import pad_without_fast_tokenizer_warning
 
-from hub import explain_hub_errors
+from hub import explain_hub_errors, load_glue_cola
 
-HUB_DATASET = ("nyu-mll/glue", "cola")
 SPLIT_FILES = {"train": "train.tsv", "validation": "dev.tsv"}  # GLUE names the validation file dev.tsv
 LABEL_NAMES = ("unacceptable", "acceptable")  # CoLA's label 0 and 1
 MODEL_INPUTS = ["input_ids", "token_type_ids", "attention_mask", "labels"]
@@ -234,8 +233,7 @@ class ColaDataModule(pl.LightningDataModule):
     def _load_split(self, split: str) -> datasets.Dataset:
         if self.hparams.data_dir:
             return load_local_cola(Path(self.hparams.data_dir), split)
-        with explain_hub_errors("dataset", HUB_DATASET[0]):
-            return datasets.load_dataset(*HUB_DATASET, split=split)
+        return load_glue_cola(split)
 
     def _load_tokenizer(self):
         with explain_hub_errors("tokenizer", self.hparams.model_name_or_path):

@@ -14,8 +14,9 @@ from urllib.parse import urlsplit
 
 import datasets
 from huggingface_hub import constants
-from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.errors import GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+GLUE_COLA = ("nyu-mll/glue", "cola")  # CoLA on the Hub: the GLUE dataset's cola configuration
 OFFLINE_HOWTO = (
     "To train offline, pass a local model folder (--model.model_name_or_path DIR, saved with save_pretrained)"
     " and local CoLA files (--data.data_dir DIR with GLUE's train.tsv and dev.tsv)"
@@ -79,29 +80,42 @@ def _go_offline_if_unreachable(kind: str, name: str) -> None:
 
 
 @contextlib.contextmanager
-def explain_hub_errors(kind: str, name: str) -> Iterator[None]:
-    """Re-raise a failure to load `kind` ("model", "tokenizer", "dataset") `name` as a one-line HubError."""
+def explain_hub_errors(kind: str, name: str, howto: str = OFFLINE_HOWTO) -> Iterator[None]:
+    """Re-raise a failure to load `kind` ("model", "tokenizer", "dataset") `name` as a one-line HubError naming
+    the Hub it came from (HF_ENDPOINT, if set) and ending with howto."""
     _go_offline_if_unreachable(kind, name)
     try:
         yield
     except Exception as error:
         causes = list(_chain(error))
-        what = f"{kind} {name!r}"
+        what, hub = f"{kind} {name!r}", f"the Hub at {constants.ENDPOINT}"
         if any(isinstance(e, HFValidationError) for e in causes):
             reason = "is neither a local folder nor a valid Hub id (namespace/name)"
+        elif any(isinstance(e, GatedRepoError) for e in causes):
+            reason = f"is gated on {hub}: accept its conditions on its page there, then `hf auth login` or set HF_TOKEN"
         elif any(isinstance(e, (RepositoryNotFoundError, datasets.exceptions.DatasetNotFoundError)) for e in causes):
             # The Hub answers "not found" for private and gated repositories too, unless logged in.
             where = "not on" if kind == "dataset" else "neither a local folder nor on"
-            reason = f"is {where} the Hugging Face Hub: check the id (private or gated ones need `hf auth login`)"
+            reason = f"is {where} {hub}: check the id (a private or gated one needs `hf auth login` or HF_TOKEN)"
         elif any(isinstance(e, (LocalEntryNotFoundError, ConnectionError)) for e in causes):
             if _offline() and not _hub_unreachable:
                 reason = "is not in the local cache, and HF_HUB_OFFLINE is set, so it cannot be downloaded"
             else:
-                reason = "could not be downloaded: the Hugging Face Hub is unreachable (no network?), and it is not cached"
+                reason = f"could not be downloaded: {hub} is unreachable (no network?), and it is not cached"
+        elif broken := next((e for e in causes if "TransportError" in {c.__name__ for c in type(e).__mro__}), None):
+            # Cut off midway, after huggingface_hub's own resumed retries; it then deletes the part (2.x).
+            # By class name: huggingface_hub 2.x raises the errors of httpx2 (a package of its own), not httpx's.
+            reason = f"could not be downloaded from {hub}: the connection broke off ({broken}); nothing partial was kept, run the same command again"
         elif kind != "dataset" and Path(name).is_dir():
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             reason = f"is a folder without a usable model or tokenizer ({first_line})"
         else:
             raise
-        raise HubError(f"{what} {reason}. {OFFLINE_HOWTO}.") from None
+        raise HubError(f"{what} {reason}. {howto}.") from None
+
+
+def load_glue_cola(split: str, howto: str = OFFLINE_HOWTO) -> datasets.Dataset:
+    """One split of CoLA from the Hub (or the datasets cache), with its ClassLabel; test's labels are -1."""
+    with explain_hub_errors("dataset", GLUE_COLA[0], howto):
+        return datasets.load_dataset(*GLUE_COLA, split=split)
 

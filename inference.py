@@ -5,6 +5,7 @@
     cat sentences.txt | python inference.py -
     python inference.py --export exported/       # a folder transformers.pipeline() loads
     python inference.py --glue_test glue_data/CoLA/test.tsv > CoLA.tsv   # for the GLUE leaderboard
+    python inference.py --glue_test > CoLA.tsv                           # the same, from the Hub's copy
 
 Without --checkpoint it uses the best checkpoint of the most recent run under logs/cola (after tune.py: of its best trial).
 
@@ -45,6 +46,7 @@ CHUNK_LINES = 10_000  # --file and stdin are read, predicted and printed this ma
 MAX_LINE_BYTES = 16 * 1024
 NOT_FINITE = "the model's output is not a finite number (NaN or infinity): its weights are damaged"
 BACKENDS = ("onnx", "onnx-int8", "torch")
+HUB_TEST_SPLIT = ""  # --glue_test without a file: the test split of GLUE's CoLA on the Hub
 
 
 class InputError(Exception):
@@ -223,9 +225,9 @@ def progress_bar(batches: list, enabled: bool):
 def check_inputs(args: argparse.Namespace) -> None:
     """Refuse, in one line, a command line whose input is missing or would be partly ignored."""
     if args.export:
-        if args.sentences or args.file or args.glue_test:
+        if args.sentences or args.file or args.glue_test is not None:
             raise InputError("--export writes a model folder and classifies nothing: give it without sentences, --file or --glue_test")
-    elif args.glue_test:
+    elif args.glue_test is not None:
         if args.sentences or args.file:
             raise InputError("--glue_test classifies GLUE's test.tsv and nothing else: give it without sentences or --file")
     elif not (args.sentences or args.file):
@@ -289,9 +291,16 @@ def read_lines(source: BinaryIO, name: str) -> Iterator[list[str]]:
         raise error
 
 
-def glue_test_predictions(predictor: ColaPredictor, path: str) -> Iterator[str]:
-    """The GLUE leaderboard's CoLA.tsv (index<TAB>prediction, 1 for acceptable) for GLUE's CoLA test.tsv
-    (index<TAB>sentence), lines with a header first."""
+def glue_test_rows(path: str) -> list[list[str]]:
+    """[index, sentence] of each sentence of GLUE's CoLA test set: GLUE's test.tsv at path, or the Hub's copy."""
+    if path == HUB_TEST_SPLIT:
+        from hub import HubError, load_glue_cola  # datasets: only on this path
+
+        try:
+            test = load_glue_cola("test", howto="Or give GLUE's CoLA test.tsv: --glue_test TSV")
+        except HubError as e:
+            raise InputError(str(e)) from None
+        return [[str(index), sentence] for index, sentence in zip(test["idx"], test["sentence"])]
     try:
         lines = Path(path).read_text(encoding="utf-8").removeprefix("\ufeff").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -302,6 +311,13 @@ def glue_test_predictions(predictor: ColaPredictor, path: str) -> Iterator[str]:
     for number, row in enumerate(rows, start=2):
         if len(row) != 2 or not row[0].isdigit() or not row[1].strip():
             raise InputError(f"{path}:{number}: expected an index, a tab and a sentence")
+    return rows
+
+
+def glue_test_predictions(predictor: ColaPredictor, path: str) -> Iterator[str]:
+    """The GLUE leaderboard's CoLA.tsv (index<TAB>prediction, 1 for acceptable) for GLUE's CoLA test set
+    (glue_test_rows), lines with a header first."""
+    rows = glue_test_rows(path)
     results = predictor.predict([sentence for _, sentence in rows])
     if any("error" in result for result in results):
         raise CheckpointError(f"{path}: some sentences got no prediction: {NOT_FINITE}")
@@ -333,7 +349,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=BATCH_SIZE)
     parser.add_argument("--backend", choices=BACKENDS, default="onnx", help="torch uses the GPU if present")
     parser.add_argument("--export", metavar="DIR", help="write a Hugging Face model folder to DIR (new or empty) and exit")
-    parser.add_argument("--glue_test", metavar="TSV", help="print GLUE's CoLA.tsv (leaderboard predictions) for GLUE's CoLA test.tsv")
+    parser.add_argument("--glue_test", metavar="TSV", nargs="?", const=HUB_TEST_SPLIT, help="print GLUE's CoLA.tsv"
+                        " (leaderboard predictions) for GLUE's CoLA test.tsv; without TSV, for the Hub's nyu-mll/glue cola test split")
     # argparse prints its usage before the error: one line instead, as every other problem.
     parser.error = lambda message: sys.exit(f"error: {message} (python inference.py --help lists the options)")
     args = parser.parse_args()
@@ -347,7 +364,7 @@ def main() -> None:
             raise InputError(f"--export {args.export}: {e.strerror}") from None
         print(f"Exported to {args.export}: pipeline('text-classification', model='{args.export}')")
         return
-    if args.glue_test:
+    if args.glue_test is not None:
         print("\n".join(glue_test_predictions(ColaPredictor(checkpoint, backend=args.backend), args.glue_test)))
         return
     chunks = read_sentences(args)

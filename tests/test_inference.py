@@ -254,6 +254,8 @@ def test_a_line_too_long_to_be_a_sentence_is_one_line_in_bounded_memory(trained,
     (["--glue_test", "in.txt", "--export", "exported"], "--export writes a model folder and classifies nothing"),
     (["A cat ran.", "--glue_test", "in.txt"], "--glue_test classifies GLUE's test.tsv and nothing else"),
     (["--glue_test", "in.txt", "--file", "in.txt"], "--glue_test classifies GLUE's test.tsv and nothing else"),
+    (["--export", "exported", "--glue_test"], "--export writes a model folder and classifies nothing"),
+    (["--file", "in.txt", "--glue_test"], "--glue_test classifies GLUE's test.tsv and nothing else"),
     ([], "give sentences, '-' for standard input"),
     (["--no-such-option"], "unrecognized arguments: --no-such-option"),
 ])
@@ -650,3 +652,6 @@ def test_glue_test_set_gives_the_leaderboards_cola_tsv(trained, predictor, tmp_p
     assert "dev.tsv:1: expected GLUE's CoLA test.tsv header" in one_line_error(run_inference(workdir, "--glue_test", str(tmp_path / "dev.tsv")))
     (tmp_path / "test.tsv").write_text("index\tsentence\n0\tThe dog sat.\nThe cat sat.\n")
     assert "test.tsv:3: expected an index, a tab and a sentence" in one_line_error(run_inference(workdir, "--glue_test", str(tmp_path / "test.tsv")))
+    # Without a file, the Hub's copy (tests/test_hub.py): offline and not cached, one line saying so.
+    message = one_line_error(run_inference(workdir, "--glue_test"))
+    assert "dataset 'nyu-mll/glue' is not in the local cache" in message and message.endswith("--glue_test TSV.")

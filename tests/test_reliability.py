@@ -353,12 +353,13 @@ def test_unreachable_hub_and_wrong_ids_are_told_apart():
         outputs = {hub: probe.communicate(timeout=300) for hub, probe in probes.items()}
     finally:
         not_found.shutdown()
-    unreachable = "could not be downloaded: the Hugging Face Hub is unreachable (no network?)"
+    unreachable = f"could not be downloaded: the Hub at http://127.0.0.1:{refused_port} is unreachable (no network?)"
+    not_found_hub = f"the Hub at http://127.0.0.1:{not_found.server_port}: check the id"
     expected = {
         "unreachable": (f"model 'no-such-org/no-such-model' {unreachable}", f"dataset 'nyu-mll/glue' {unreachable}"),
         "not-found": (
-            "model 'no-such-org/no-such-model' is neither a local folder nor on the Hugging Face Hub: check the id",
-            "dataset 'nyu-mll/glue' is not on the Hugging Face Hub: check the id",
+            f"model 'no-such-org/no-such-model' is neither a local folder nor on {not_found_hub}",
+            f"dataset 'nyu-mll/glue' is not on {not_found_hub}",
         ),
     }
     for hub, (out, err) in outputs.items():
@@ -383,8 +384,8 @@ def test_train_with_the_hub_unreachable_fails_at_once_in_one_line(tmp_path, tiny
     )
     assert result.returncode == 1 and result.stderr.splitlines() == [
         "Seed set to 42",
-        "error: model 'google-bert/bert-base-uncased' could not be downloaded: the Hugging Face Hub is unreachable"
-        " (no network?), and it is not cached. To train offline, pass a local model folder (--model.model_name_or_path"
+        f"error: model 'google-bert/bert-base-uncased' could not be downloaded: the Hub at http://127.0.0.1:{refused_port}"
+        " is unreachable (no network?), and it is not cached. To train offline, pass a local model folder (--model.model_name_or_path"
         " DIR, saved with save_pretrained) and local CoLA files (--data.data_dir DIR with GLUE's train.tsv and dev.tsv).",
     ], result.stderr[-3000:]
 
