@@ -69,8 +69,13 @@ def test_metrics_count_requests_sentences_labels_and_model_calls(predictor, best
                      "val_mcc": str(health["val_mcc"]), "model": health["model"]}]
 
 
+def tcp_connections(process: psutil.Process) -> list:
+    # psutil 6 renamed connections() net_connections(); olah (tests/test_hub.py), by fastapi-utils, holds psutil < 6.
+    return (process.net_connections if hasattr(process, "net_connections") else process.connections)(kind="tcp")
+
+
 def workers_of(server: subprocess.Popen) -> list[psutil.Process]:
-    return [p for p in psutil.Process(server.pid).children(recursive=True) if p.net_connections(kind="tcp")]
+    return [p for p in psutil.Process(server.pid).children(recursive=True) if tcp_connections(p)]
 
 
 def connections_to_each_worker(server: subprocess.Popen, port: int, workers: int) -> list[http.client.HTTPConnection]:
@@ -84,7 +89,7 @@ def connections_to_each_worker(server: subprocess.Popen, port: int, workers: int
         connection.request("GET", "/health")  # answered once a worker has accepted the connection
         connection.getresponse().read()
         for process in workers_of(server) if workers > 1 else [psutil.Process(server.pid)]:
-            if any(c.raddr and c.raddr.port == client_port for c in process.net_connections(kind="tcp")):
+            if any(c.raddr and c.raddr.port == client_port for c in tcp_connections(process)):
                 held.setdefault(process.pid, connection)
         if len(held) == workers:
             return list(held.values())

@@ -26,7 +26,7 @@ from fastapi.testclient import TestClient
 from benchmarks import serve_load
 from conftest import REPO, make_sentence
 from inference import ColaPredictor
-from serve import GRACEFUL_SHUTDOWN_S, MicroBatcher, Settings, create_app
+from serve import GRACEFUL_SHUTDOWN_S, REFUSAL_HOLD_S, MicroBatcher, Settings, create_app
 
 SENTENCES = ["The dog sat on the mat.", "Mat the on sat dog the.", "A big cat ran quickly under the bench."]
 
@@ -255,6 +255,25 @@ def test_start_up_errors_are_one_line(tmp_path):
 
 
 @pytest.mark.slow
+def test_hey_benchmark_reports_goodput_and_refusals(best_checkpoint):
+    if shutil.which("hey") is None:
+        message = "hey is not installed (apt-get install hey)"
+        if os.environ.get("CI") == "true":  # .ci/run installs it: missing there is a failure
+            pytest.fail(message)
+        pytest.skip(message)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "serve_hey.py"), "--checkpoint", str(best_checkpoint),
+         "--connections", "64", "--seconds", "1", "--serve_options", "--max_queue 2"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| 64 |")]
+    assert len(rows) == 1, result.stdout
+    assert float(rows[0][1]) > 0 and rows[0][5] == "none", rows  # answers, and none but 200 and 503
+    assert float(rows[0][4].rstrip("%")) > 0  # 64 connections against a queue of 2: some refused
+
+
+@pytest.mark.slow
 def test_load_benchmark_runs_batched_and_unbatched(best_checkpoint, tiny_data_dir, tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "serve_load.py"), "--checkpoint", str(best_checkpoint),
@@ -357,18 +376,23 @@ def test_beyond_max_queue_a_request_gets_503_with_retry_after(best_checkpoint):
         wait_until(lambda: model.calls, "the model busy")
         queued, queued_responses = post_in_background(url, ["q1", "q2"])  # waits: 2 sentences queued
         wait_until(lambda: app.state.batcher.queued == 2, "2 sentences queued")
+        started = time.monotonic()
         refused = httpx.post(f"{url}/predict", json={"sentences": ["one too many"]}, timeout=60)
+        held = time.monotonic() - started
+        refused_larger = httpx.post(f"{url}/predict", json={"sentences": ["x", "y"]}, timeout=60)
         model.release.set()
         busy.join(60)
         queued.join(60)
         # The queue empties, and then a request larger than max_queue, alone, is still answered.
         larger = httpx.post(f"{url}/predict", json={"sentences": ["a", "b", "c"]}, timeout=60)
         metrics = httpx.get(f"{url}/metrics").text
-    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
-    assert refused.json()["detail"] == "overloaded: 2 sentences are waiting already, at most 2 may; retry in 1 s"
+    for answer in (refused, refused_larger):  # held REFUSAL_HOLD_S, so that an immediate retry cannot flood
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "0"
+        assert answer.json()["detail"] == "overloaded: 2 sentences are waiting already, at most 2 may; held 1 s, retry now"
+    assert REFUSAL_HOLD_S <= held < REFUSAL_HOLD_S + 5
     assert [busy_responses[0].status_code, queued_responses[0].status_code, larger.status_code] == [200] * 3
     assert model.calls == [["busy"], ["q1", "q2"], ["a", "b", "c"]]
-    assert predict_requests(metrics, "503") == 1 and predict_requests(metrics, "200") == 3
+    assert predict_requests(metrics, "503") == 2 and predict_requests(metrics, "200") == 3
 
 
 def test_a_request_whose_client_went_away_costs_no_model_time(best_checkpoint):
@@ -519,3 +543,33 @@ def test_health_of_an_export_made_from_a_local_model_names_no_path(best_checkpoi
         page_facts = client.get("/metrics").text
     assert health["model"] == f"{tiny_model_dir.parent.name}/{tiny_model_dir.name}"
     assert str(tiny_model_dir) not in json.dumps(health) + page_facts
+
+
+def test_a_burst_far_above_max_queue_gets_only_200_or_a_held_503_with_retry_after(best_checkpoint, tmp_path):
+    """300 requests at once at a real server taking 4 waiting sentences: every answer is a result or a 503
+    with Retry-After and a JSON detail, nothing else (no 400, 499 or 500), and the refusals come held."""
+    process, url = start_server(best_checkpoint, "--max_queue", "4", log=tmp_path / "serve.log")
+
+    async def burst() -> list[tuple[httpx.Response, float]]:
+        limits = httpx.Limits(max_connections=300, max_keepalive_connections=300)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+            async def one(i: int) -> tuple[httpx.Response, float]:
+                started = time.monotonic()
+                response = await client.post("/predict", json={"sentences": [SENTENCES[i % 3]]})
+                return response, time.monotonic() - started
+            return await asyncio.gather(*(one(i) for i in range(300)))
+
+    try:
+        answers = asyncio.run(burst())
+        assert process.poll() is None  # still serving
+        assert httpx.post(f"{url}/predict", json={"sentences": SENTENCES}, timeout=60).status_code == 200
+    finally:
+        process.kill()
+    statuses = {response.status_code for response, _ in answers}
+    assert statuses == {200, 503}, (statuses, (tmp_path / "serve.log").read_text()[-2000:])
+    for response, seconds in answers:
+        if response.status_code == 503:
+            assert response.headers["retry-after"] == "0" and response.json()["detail"].startswith("overloaded:")
+            assert seconds >= REFUSAL_HOLD_S
+        else:
+            assert [result["sentence"] for result in response.json()] == json.loads(response.request.content)["sentences"]
