@@ -17,8 +17,9 @@ from typing import Any, Optional
 
 import fsspec
 import torch
+from torch.optim.swa_utils import get_ema_avg_fn
 from pytorch_lightning import Callback, LightningModule, Trainer
-from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, WeightAveraging
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
@@ -102,6 +103,16 @@ class EarlyStoppingAfterWarmup(EarlyStopping):
             return
         if trainer.global_step >= trainer.lightning_module.warmup_steps:
             super()._run_early_stopping_check(trainer)
+
+
+class ExponentialMovingAverage(WeightAveraging):
+    """Lightning's WeightAveraging with torch's EMA: after every optimizer step, average = decay * average +
+    (1 - decay) * weights, over about the last 1 / (1 - decay) steps. Validation, the checkpoints (their
+    state_dict; the trained weights go beside it, for resuming) and so the exports hold the average.
+    Parameters only: a BERT's buffers are its position and token-type ids, integers."""
+
+    def __init__(self, decay: float) -> None:
+        super().__init__(use_buffers=False, avg_fn=get_ema_avg_fn(decay))
 
 
 class TrainingThroughput(Callback):

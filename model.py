@@ -99,7 +99,7 @@ class SentenceClassifier(torch.nn.Module):
 
 def check_options(
     learning_rate: Optional[float], weight_decay: float, warmup_ratio: float, layer_decay: float,
-    head_learning_rate: Optional[float], num_layers: Optional[int] = None,
+    head_learning_rate: Optional[float], num_layers: Optional[int] = None, ema_decay: Optional[float] = None,
 ) -> None:
     """Refuse, before the model loads, values with which training cannot work (`not x > 0` also catches NaN)."""
     for name, value in (("learning_rate", learning_rate), ("head_learning_rate", head_learning_rate)):
@@ -111,6 +111,8 @@ def check_options(
         raise OptionError(f"--model.warmup_ratio must be at least 0 and below 1 (a fraction of all steps), not {warmup_ratio}")
     if not 0 < layer_decay <= 1:
         raise OptionError(f"--model.layer_decay must be above 0 and at most 1 (1: one learning rate for all), not {layer_decay}")
+    if ema_decay is not None and not 0 < ema_decay < 1:
+        raise OptionError(f"--model.ema_decay must be above 0 and below 1 (e.g. 0.99), or null for none; not {ema_decay}")
     if num_layers is not None and num_layers < 1:
         raise OptionError(f"--model.num_layers must be at least 1, or null for all the model's layers; not {num_layers}")
 
@@ -132,6 +134,9 @@ class ColaModel(pl.LightningModule):
         freeze_word_embeddings: keep the pretrained word vectors as they are (position and type vectors train).
         num_layers: keep only the first num_layers encoder layers (None: all). MiniLM-L6's first 4 of 6 train 1.5x
             and infer 1.4x faster, and scored no lower on CoLA (benchmarks/README.md, "Reading the middle layers").
+        ema_decay: validate, checkpoint and export an exponential moving average of the weights with this
+            decay (train.py adds callbacks.ExponentialMovingAverage; None: the weights as trained). A model
+            option, so that checkpoints record it and a resume without it is refused.
         compile: run training steps' forward and backward passes through torch.compile (on CUDA with CUDA graphs,
             mode="reduce-overhead": one launch per step instead of hundreds of kernel launches); train.py then pads
             sentences to a few lengths (--data.pad_to_buckets) so that few shapes compile. Exports and
@@ -149,10 +154,11 @@ class ColaModel(pl.LightningModule):
         pooling: Literal["cls", "mean"] = "cls",
         freeze_word_embeddings: bool = False,
         num_layers: Optional[int] = None,
+        ema_decay: Optional[float] = None,
         compile: bool = False,
     ) -> None:
         super().__init__()
-        check_options(learning_rate, weight_decay, warmup_ratio, layer_decay, head_learning_rate, num_layers)
+        check_options(learning_rate, weight_decay, warmup_ratio, layer_decay, head_learning_rate, num_layers, ema_decay)
         self.save_hyperparameters()
         if num_layers is not None:  # more layers than the model has would be added with random weights
             with explain_hub_errors("model", model_name_or_path):

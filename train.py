@@ -30,7 +30,8 @@ try:  # torch and Lightning take seconds to import: a Ctrl-C meanwhile is one li
     from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
     from callbacks import (
-        AtomicCheckpointIO, BestAndLastCheckpoint, EarlyStoppingAfterWarmup, MidEpochCheckpoint, ResumeInRunFolder,
+        AtomicCheckpointIO, BestAndLastCheckpoint, EarlyStoppingAfterWarmup, ExponentialMovingAverage, MidEpochCheckpoint,
+        ResumeInRunFolder,
         SanityChecks, StopOnSignal, StoppedBySignal, TrainingThroughput,
     )
     from checkpoints import RUN_VERSION_ENV, CheckpointError, check_resumable, choose_run_folder, requeued_checkpoint
@@ -158,6 +159,9 @@ class ColaCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # unless --trainer.plugins chose another
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if self.model.hparams.ema_decay:
+            # First: StopOnSignal saves last.ckpt in on_train_batch_end, which must hold this step's average.
+            trainer.callbacks.insert(0, ExponentialMovingAverage(self.model.hparams.ema_decay))
         minutes = self.config.save_last_every_minutes
         if minutes is not None:
             interval = timedelta(minutes=minutes)

@@ -1,3 +1,4 @@
+import json
 import math
 import shutil
 from types import SimpleNamespace
@@ -5,10 +6,11 @@ from unittest import mock
 
 import pytest
 import torch
+from pytorch_lightning import Callback
 from sklearn.metrics import matthews_corrcoef
 from transformers import BertConfig, BertForSequenceClassification
 
-from conftest import save_tiny_distilbert
+from conftest import save_tiny_distilbert, tiny_train_args
 from model import ColaModel, MatthewsCorrCoef, OptionError
 from test_data import make_datamodule
 
@@ -195,3 +197,64 @@ def test_num_layers_outside_the_model_is_refused_in_one_line(tiny_model_dir):
         ColaModel(str(tiny_model_dir), num_layers=3)  # the extra layer would start from random weights
     with pytest.raises(OptionError, match="--model.num_layers must be at least 1"):
         ColaModel(str(tiny_model_dir), num_layers=0)
+
+
+class RecordWeights(Callback):
+    """The model's parameters after each optimizer step, and as the first validation batch of each epoch sees them."""
+
+    def __init__(self) -> None:
+        self.after_step: list[dict[str, torch.Tensor]] = []
+        self.in_validation: list[tuple[int, dict[str, torch.Tensor]]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.after_step.append({k: v.detach().clone() for k, v in pl_module.named_parameters()})
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == 0 and not trainer.sanity_checking:
+            self.in_validation.append((trainer.global_step, {k: v.detach().clone() for k, v in pl_module.named_parameters()}))
+
+
+def test_ema_weights_are_what_validation_the_checkpoint_and_the_export_hold(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    """--model.ema_decay d: the weights validated, saved as the checkpoint's state_dict and exported are torch's
+    AveragedModel with get_ema_avg_fn(d) over the weights after each step, computed here by hand."""
+    import train
+    from checkpoints import load_checkpoint
+    from inference import ColaPredictor
+
+    decay, recorder = 0.7, RecordWeights()
+    monkeypatch.chdir(tmp_path)
+    train.main([*tiny_train_args(tiny_model_dir, tiny_data_dir), "--trainer.max_epochs", "2", "--model.ema_decay", str(decay),
+                "--trainer.enable_progress_bar", "false"], callbacks=[recorder])
+    ema, by_step = None, {}
+    for step, weights in enumerate(recorder.after_step, start=1):
+        ema = {k: w.clone() for k, w in weights.items()} if ema is None else {k: decay * ema[k] + (1 - decay) * w for k, w in weights.items()}
+        by_step[step] = ema
+    assert [step for step, _ in recorder.in_validation] == [6, 12]  # 48 sentences, batches of 8, 2 epochs
+    for step, seen in recorder.in_validation:
+        for name, value in seen.items():
+            torch.testing.assert_close(value, by_step[step][name], rtol=1e-6, atol=1e-7)
+    metrics = json.loads((tmp_path / "logs/cola/version_0/metrics.json").read_text())
+    best = tmp_path / metrics["best_model_path"]
+    checkpoint = load_checkpoint(best)
+    step = checkpoint["global_step"]
+    for name, value in checkpoint["state_dict"].items():
+        if name in by_step[step]:
+            torch.testing.assert_close(value, by_step[step][name], rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(checkpoint["current_model_state"][name], recorder.after_step[step - 1][name])
+    sentences = ["The dog sat on the mat.", "Mat the on sat dog the."]
+    exported = ColaPredictor(best).predict(sentences)  # train.py's ONNX export of the best checkpoint
+    averaged = ColaPredictor(best, backend="torch").predict(sentences)  # the checkpoint's state_dict
+    for onnx_result, torch_result in zip(exported, averaged):
+        assert onnx_result["probabilities"] == pytest.approx(torch_result["probabilities"], abs=1e-5)
+
+
+def test_ema_resume_is_refused_without_the_same_decay(tiny_model_dir, tiny_data_dir, tmp_path):
+    from conftest import run_train
+
+    args = [*tiny_train_args(tiny_model_dir, tiny_data_dir), "--trainer.max_epochs", "1"]
+    assert run_train(tmp_path, *args, "--model.ema_decay", "0.9").returncode == 0
+    last = "logs/cola/version_0/checkpoints/last.ckpt"
+    resumed = run_train(tmp_path, *args, "--trainer.max_epochs", "2", "--ckpt_path", last)
+    assert resumed.returncode != 0 and "ema_decay" in resumed.stderr.splitlines()[-1], resumed.stderr[-2000:]
+    refused = run_train(tmp_path, *args, "--model.ema_decay", "1.0")
+    assert refused.returncode != 0 and "--model.ema_decay must be above 0 and below 1" in refused.stderr.splitlines()[-1]

@@ -686,3 +686,27 @@ def test_a_resume_may_leave_out_what_the_model_picked_by_default_and_spell_the_d
     checkpoints.check_same_settings("last.ckpt", saved, same)  # no error
     with pytest.raises(checkpoints.CheckpointError, match="trained with --model.pooling cls, not mean"):
         checkpoints.check_same_settings("last.ckpt", saved, {**same, "model": {**same["model"], "pooling": "mean"}})
+
+
+@pytest.mark.slow
+def test_a_run_with_ema_stopped_and_resumed_ends_bit_identical_to_an_undisturbed_one(tmp_path, tiny_model_dir, tiny_data_dir):
+    """The average (the checkpoint's state_dict) and the trained weights (current_model_state) both resume."""
+    from checkpoints import load_checkpoint
+
+    args = tiny_train_args(tiny_model_dir, tiny_data_dir) + ["--trainer.max_epochs", "2", "--model.ema_decay", "0.9"]
+    (tmp_path / "undisturbed").mkdir()
+    (tmp_path / "resumed").mkdir()
+    assert train_in_process(tmp_path / "undisturbed", args).returncode == 0
+    stopped = train_in_process(tmp_path / "resumed", args, signals={9: signal.SIGTERM})
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    command = shlex.split(stopped.stdout.split("Resume with:\n")[1].splitlines()[0])
+    final = train_in_process(tmp_path / "resumed", command[2:])
+    assert final.returncode == 0, final.stderr[-3000:]
+    for name in ("last.ckpt", Path(metrics(tmp_path / "undisturbed/logs/cola/version_0")["best_model_path"]).name):
+        ends = [load_checkpoint(tmp_path / run / "logs/cola/version_0/checkpoints" / name) for run in ("undisturbed", "resumed")]
+        assert ends[0]["global_step"] == ends[1]["global_step"]
+        for key in ("state_dict", "current_model_state"):
+            assert ends[0][key].keys() == ends[1][key].keys()
+            assert all(torch.equal(ends[0][key][n], ends[1][key][n]) for n in ends[0][key]), (name, key)
+    # The best checkpoint was saved at a validation: its state_dict is the average, not the weights as trained.
+    assert not all(torch.equal(ends[0]["state_dict"][n], ends[0]["current_model_state"][n]) for n in ends[0]["state_dict"])
