@@ -185,8 +185,11 @@ class MicroBatcher:
         return jobs
 
 
-def overloaded(queued: int, max_queue: int) -> str:
-    return f"overloaded: {queued} sentences are waiting already, at most {max_queue} may; held {REFUSAL_HOLD_S:g} s, retry now"
+async def held_refusal(queued: int, max_queue: int) -> JSONResponse:
+    """The 503 of a full queue, after REFUSAL_HOLD_S."""
+    await asyncio.sleep(REFUSAL_HOLD_S)
+    detail = f"overloaded: {queued} sentences are waiting already, at most {max_queue} may; held {REFUSAL_HOLD_S:g} s, retry now"
+    return JSONResponse({"detail": detail}, 503, headers={"Retry-After": "0"})
 
 
 class RefuseWhenFull:
@@ -198,15 +201,11 @@ class RefuseWhenFull:
     def __init__(self, app: ASGIApp, queue_full: Callable[[], bool], max_queue: int) -> None:
         self.app = app
         self.queue_full = queue_full
-        self.body = json.dumps({"detail": overloaded(max_queue, max_queue)}).encode()
-        self.headers = [(b"content-type", b"application/json"), (b"content-length", str(len(self.body)).encode()),
-                        (b"retry-after", b"0")]
+        self.max_queue = max_queue
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == "/predict" and scope["method"] == "POST" and self.queue_full():
-            await asyncio.sleep(REFUSAL_HOLD_S)
-            await send({"type": "http.response.start", "status": 503, "headers": self.headers})
-            await send({"type": "http.response.body", "body": self.body})
+            await (await held_refusal(self.max_queue, self.max_queue))(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -351,8 +350,7 @@ def create_app(predictor: ColaPredictor, settings: Settings) -> FastAPI:
         try:
             results = answer.result()
         except QueueFull as e:
-            await asyncio.sleep(REFUSAL_HOLD_S)
-            return JSONResponse({"detail": overloaded(e.queued, settings.max_queue)}, 503, headers={"Retry-After": "0"})
+            return await held_refusal(e.queued, settings.max_queue)
         metrics.record_answer(results)
         return results
 

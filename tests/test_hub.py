@@ -31,6 +31,7 @@ from starlette.responses import Response, StreamingResponse
 
 from benchmarks import serve_load
 from conftest import REPO, make_sentence
+from data import read_glue_tsv
 
 pytestmark = pytest.mark.slow  # real servers and several training runs: CI runs them, the fast tier does not
 
@@ -80,11 +81,7 @@ def cola_rows() -> dict[str, list[tuple[str, int]]]:
     sentences), else CoLA-like ones of the tiny vocabulary (label 1 when a dog is named). The test split
     has no labels on the Hub: -1."""
     if (SHARED_COLA / "train.tsv").is_file():
-        rows = []
-        for name in ("train.tsv", "dev.tsv"):
-            for line in (SHARED_COLA / name).read_text(encoding="utf-8").splitlines():
-                _, label, _, sentence = line.split("\t")
-                rows.append((sentence, int(label)))
+        rows = [(row["sentence"], row["label"]) for name in ("train.tsv", "dev.tsv") for row in read_glue_tsv(SHARED_COLA / name)]
         random.Random(0).shuffle(rows)
     else:
         generated = random.Random(0)

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import httpx
+import psutil
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
@@ -496,22 +497,10 @@ def test_a_checkpoint_written_over_under_a_torch_server_changes_no_answer(best_c
         process.kill()
 
 
-def processes_started_by(pid: int) -> list[int]:
-    """Linux: the processes whose parent is pid (/proc/N/stat's fourth field)."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                children.append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    return children
-
-
-def running(pid: int) -> bool:
+def running(process: psutil.Process) -> bool:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
-    except OSError:
+        return process.status() != psutil.STATUS_ZOMBIE  # a zombie has exited
+    except psutil.NoSuchProcess:
         return False
 
 
@@ -519,7 +508,7 @@ def test_workers_exit_when_their_supervisor_is_killed(best_checkpoint, tmp_path)
     """kill -9 of `serve.py --workers 2` (or the OOM killer) tells its workers nothing: they must notice and
     go, freeing the port for the next start."""
     process, url = start_server(best_checkpoint, "--workers", "2", log=tmp_path / "serve.log")
-    children = processes_started_by(process.pid)
+    children = psutil.Process(process.pid).children()
     assert len(children) >= 2, children  # the two workers (and multiprocessing's resource tracker)
     process.kill()
     process.wait(timeout=10)
