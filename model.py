@@ -137,6 +137,10 @@ class ColaModel(pl.LightningModule):
         ema_decay: validate, checkpoint and export an exponential moving average of the weights with this
             decay (train.py adds callbacks.ExponentialMovingAverage; None: the weights as trained). A model
             option, so that checkpoints record it and a resume without it is refused.
+        head_seed: start the new classifier head from weights drawn with this seed, whatever --seed_everything
+            (which then sets only the data order and dropout); None: drawn from --seed_everything. Runs that
+            share it start from one point and can be averaged (tune.py --soup); runs with their own random
+            heads cannot.
         compile: run training steps' forward and backward passes through torch.compile (on CUDA with CUDA graphs,
             mode="reduce-overhead": one launch per step instead of hundreds of kernel launches); train.py then pads
             sentences to a few lengths (--data.pad_to_buckets) so that few shapes compile. Exports and
@@ -155,6 +159,7 @@ class ColaModel(pl.LightningModule):
         freeze_word_embeddings: bool = False,
         num_layers: Optional[int] = None,
         ema_decay: Optional[float] = None,
+        head_seed: Optional[int] = None,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -177,14 +182,22 @@ class ColaModel(pl.LightningModule):
         # from_pretrained returns the model in eval mode and Lightning keeps each module's mode as it finds it:
         # without this, dropout would stay off during fine-tuning.
         self.model.train()
+        if head_seed is not None:
+            # As transformers initialises a new head (normal(0, initializer_range), zero bias), from a generator of
+            # its own: the global random state, and so the rest of the run, is the same with or without head_seed.
+            generator = torch.Generator().manual_seed(head_seed)
+            head = [module for name, module in self.model.named_children() if name != self.model.base_model_prefix]
+            for layer in (m for module in head for m in module.modules() if isinstance(m, torch.nn.Linear)):
+                torch.nn.init.normal_(layer.weight, std=self.model.config.initializer_range, generator=generator)
+                torch.nn.init.zeros_(layer.bias)
         if learning_rate is None:
             self.hparams.learning_rate = 2e-5 if self.model.config.hidden_size >= 768 else 1e-4
             # Again, with the rate resolved, so that hparams.yaml and checkpoints record the rate used, not null.
             # (An explicit dict: under LightningCLI a plain call would record the parsed arguments again.)
             self.save_hyperparameters(dict(self.hparams))
         if pooling == "mean":
-            head = {name for name, _ in self.model.named_children()} - {self.model.base_model_prefix}
-            if head != {"dropout", "classifier"} or not isinstance(self.model.classifier, torch.nn.Linear):
+            head_names = {name for name, _ in self.model.named_children()} - {self.model.base_model_prefix}
+            if head_names != {"dropout", "classifier"} or not isinstance(self.model.classifier, torch.nn.Linear):
                 raise OptionError(
                     f"--model.pooling mean needs a BERT-style head (one linear layer on the pooled vector);"
                     f" {type(self.model).__name__} has its own: use --model.pooling cls"

@@ -3,6 +3,7 @@
     python tune.py --n_trials 12 <train.py options>             # 12 restarts, seeds 1, 2, ...: keep the best
     python tune.py --search_space space.yaml <train.py options> # also vary the options space.yaml names
     python tune.py --storage postgresql://user@host/db ...      # workers on several machines share one study
+    python tune.py --soup --model.head_seed 0 <train.py options> # then average the good trials into one model
 
 Each trial is an ordinary train.py run, with its own logs/cola/version_N. The study lives in --storage: a
 stopped or killed sweep continues with the same command, and inference.py and serve.py pick its best trial.
@@ -25,10 +26,13 @@ import yaml
 
 import train  # first: it turns a Ctrl-C during the slow imports into one line
 from callbacks import StoppedBySignal
-from checkpoints import SWEEP_FILE, CheckpointError, first_line, newest_checkpoint
-from data import DataError, OptionError
+from callbacks import AtomicCheckpointIO
+from checkpoints import (
+    SWEEP_FILE, CheckpointError, best_checkpoint_of_run, claim_run_version, first_line, load_checkpoint, newest_checkpoint,
+)
+from data import ColaDataModule, DataError, OptionError
 from hub import HubError
-from model import NonFiniteLossError
+from model import ColaModel, NonFiniteLossError
 
 import optuna  # noqa: E402  (after train: see above)
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -206,20 +210,23 @@ def read_space(path: Optional[str]) -> dict:
     return space
 
 
-def check_train_args(args: list[str], space: dict, space_path: Optional[str]) -> None:
+def check_train_args(args: list[str], space: dict, space_path: Optional[str]) -> dict:
     """Parse the trials' options as train.py will (with --print_config: nothing loads or trains), before any
-    trial starts: a bad option is one line, and no trial or run folder is left behind."""
+    trial starts: a bad option is one line, and no trial or run folder is left behind. The trials' config."""
     first = {name: spec[0] if isinstance(spec, list) else spec["low"] for name, spec in space.items()}
     settings = [f"--{name}={format_value(value)}" for name, value in first.items()]
+    configs = []
     for extra, source in (([], None), (settings, space_path)):
-        stderr = io.StringIO()
+        stdout, stderr = io.StringIO(), io.StringIO()
         try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
+            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
                 train.main([*args, *extra, "--print_config"])
         except SystemExit as e:
             if e.code:
                 message = stderr.getvalue().strip().splitlines()[-1].removeprefix("error: ")
                 raise SweepError(f"{source}: {message}" if source else message) from None
+        configs.append(yaml.safe_load(stdout.getvalue()))
+    return configs[0]
 
 
 def open_storage(url: str, heartbeat_seconds: int) -> RDBStorage:
@@ -265,7 +272,7 @@ def format_cell(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def print_table(study: optuna.Study) -> None:
+def print_table(study: optuna.Study, export: bool = True) -> None:
     trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("unused")]
     names = sorted({name for t in trials for name in t.params})
     print("\n| trial | seed | " + "".join(f"{n} | " for n in names) + "best val MCC | epochs | state | minutes | run folder |")
@@ -284,13 +291,77 @@ def print_table(study: optuna.Study) -> None:
     if best is None:
         return
     checkpoint = Path(best.user_attrs["checkpoint"])
-    if checkpoint.is_file():  # on this machine: export it now, so that inference.py and serve.py start fast
+    if export and checkpoint.is_file():  # on this machine: export it now, so that inference.py and serve.py start fast
         train.export_for_inference(str(checkpoint))
     pruned = sum(t.state == TrialState.PRUNED for t in trials)
     finished = sum(t.state in FINISHED for t in trials)
     print(f"\n{finished} trials, {pruned} pruned. Best: trial {best.number}, val MCC {best.value:.4f}: {checkpoint}")
     print("inference.py and serve.py pick it without --checkpoint. Next: python serve.py, or")
     print(f'  python inference.py --checkpoint {shlex.quote(str(checkpoint))} "The boy is sitting on a bench."')
+
+
+def make_soup(study: optuna.Study) -> None:
+    """The greedy soup of the study's trials (Wortsman et al., 2022, "Model soups"): their best checkpoints in
+    order of val MCC, each added to the average only if the average's val MCC does not drop; written as an
+    ordinary run (the newest run folder: inference.py and serve.py pick it) that records what went in.
+    Averaging works for runs fine-tuned from one starting point: the same model and the same head (head_seed)."""
+    seeds, saved = {}, {}  # trial number -> its seed; -> its best checkpoint, if it saved one on this machine
+    for t in study.get_trials(deepcopy=False, states=FINISHED):
+        with contextlib.suppress(KeyError, OSError, CheckpointError):
+            checkpoint = None if t.user_attrs.get("diverged") else best_checkpoint_of_run(Path(t.user_attrs["run_dir"]))
+            if checkpoint is not None:
+                seeds[t.number], saved[t.number] = t.user_attrs.get("seed"), checkpoint
+    if len(saved) < 2:
+        raise SweepError(f"--soup: {len(saved)} trial(s) with a saved checkpoint on this machine; a soup needs at least 2")
+    loaded = {number: load_checkpoint(path) for number, path in saved.items()}
+    first_number, first = next(iter(loaded.items()))
+    shapes = {k: v.shape for k, v in first["state_dict"].items()}
+    for number, checkpoint in loaded.items():
+        if checkpoint["hyper_parameters"].get("head_seed") is None:
+            raise SweepError(f"--soup: trial {number} was trained without --model.head_seed: its head started from other"
+                             " random weights than the others', and their average is no model; sweep with it")
+        if {k: v.shape for k, v in checkpoint["state_dict"].items()} != shapes:
+            raise SweepError(f"--soup: trials {first_number} and {number} trained models of other shapes: only one model's runs average")
+    # Scored as training validates: the same model class, data module, metric and split.
+    hyper_parameters = {k: v for k, v in first["hyper_parameters"].items() if not k.startswith("_")}
+    model = ColaModel(**hyper_parameters)
+    datamodule = ColaDataModule(**{k: v for k, v in first["datamodule_hyper_parameters"].items() if not k.startswith("_")})
+    trainer = Trainer(devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+
+    def val_mcc(members: list[int]) -> float:
+        """The val MCC of these trials' average, which the model then holds."""
+        model.load_state_dict({
+            name: sum(loaded[n]["state_dict"][name] for n in members) / len(members) if tensor.is_floating_point() else tensor
+            for name, tensor in first["state_dict"].items()
+        })
+        return trainer.validate(model, datamodule=datamodule, verbose=False)[0]["val_mcc"]
+
+    scores = {number: val_mcc([number]) for number in loaded}
+    order = sorted(loaded, key=lambda number: (-scores[number], number))
+    best, soup, soup_mcc = order[0], [order[0]], scores[order[0]]
+    print("\n| trial | seed | its val MCC | the soup's with it | in the soup |\n| ---: | ---: | ---: | ---: | --- |")
+    print(f"| {best} | {seeds[best]} | {soup_mcc:.4f} | {soup_mcc:.4f} | yes (the best) |")
+    for number in order[1:]:
+        mcc = val_mcc([*soup, number])
+        if mcc >= soup_mcc:  # the greedy rule: a trial that lowers the soup's val MCC stays out
+            soup, soup_mcc = [*soup, number], mcc
+        print(f"| {number} | {seeds[number]} | {scores[number]:.4f} | {mcc:.4f} | {'yes' if number in soup else 'no'} |")
+    val_mcc(soup)  # the soup's weights into the model
+    log_dir = saved[best].parent.parent.parent
+    run_dir = log_dir / claim_run_version(log_dir)
+    path = run_dir / "checkpoints" / f"soup-val_mcc={soup_mcc:.4f}.ckpt"
+    # What inference needs (weights, model and data settings, config, tokenizer); no training state to resume from.
+    keep = ("pytorch-lightning_version", "hparams_name", "hyper_parameters", "datamodule_hparams_name",
+            "datamodule_hyper_parameters", "hf_config", "tokenizer_files")
+    AtomicCheckpointIO().save_checkpoint({**{k: first[k] for k in keep if k in first}, "state_dict": model.state_dict()}, path)
+    shutil.copy(saved[best].parent.parent / "hparams.yaml", run_dir / "hparams.yaml")
+    trials = [{"trial": n, "seed": seeds[n], "val_mcc": scores[n], "checkpoint": str(saved[n]), "in_soup": n in soup} for n in order]
+    metrics = {"best_val_mcc": soup_mcc, "best_model_path": str(path), "soup": {"study": study.study_name, "trials": trials}}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(f"\nSoup of trials {', '.join(map(str, soup))} ({len(soup)} of {len(order)}): val MCC {soup_mcc:.4f}, the best"
+          f" trial alone {scores[best]:.4f}: {path}")
+    train.export_for_inference(str(path))
+    print("inference.py and serve.py pick it without --checkpoint (the newest run folder).")
 
 
 def main() -> None:
@@ -304,6 +375,7 @@ def main() -> None:
     parser.add_argument("--storage", default="sqlite:///logs/tune.db", help="an SQLAlchemy URL (default: %(default)s)")
     parser.add_argument("--study", default="cola", help="the study's name in --storage (default: %(default)s)")
     parser.add_argument("--heartbeat_seconds", type=int, default=60, help="a killed worker's trial is retried after 2 of these")
+    parser.add_argument("--soup", action="store_true", help="then average the trials greedily into one model (needs --model.head_seed)")
     options, train_args = parser.parse_known_args()
     if options.n_trials < 1 or (options.budget_epochs is not None and options.budget_epochs < 1) or options.heartbeat_seconds < 1:
         raise SweepError("--n_trials, --budget_epochs and --heartbeat_seconds must be at least 1")
@@ -311,7 +383,9 @@ def main() -> None:
         if any(a == fixed or a.startswith(fixed + "=") for a in train_args):
             raise SweepError(f"{fixed}: tune.py sets it for each trial (seed: trial number + 1; a retried trial resumes)")
     space = read_space(options.search_space)
-    check_train_args(train_args, space, options.search_space)
+    config = check_train_args(train_args, space, options.search_space)
+    if options.soup and (config["model"].get("head_seed") is None or "model.head_seed" in space):
+        raise SweepError("--soup averages runs that start from one head: give every trial the same --model.head_seed (e.g. 0)")
     sweep = Sweep(options, train_args, space)
     study = optuna.create_study(
         storage=open_storage(options.storage, options.heartbeat_seconds), study_name=options.study, direction="maximize", pruner=PRUNER, load_if_exists=True
@@ -336,7 +410,9 @@ def main() -> None:
     if running:
         print(f"note: trial(s) {', '.join(map(str, running))} still running (another worker, or one killed less than"
               f" {2 * options.heartbeat_seconds} s ago: then run this command again)", file=sys.stderr)
-    print_table(study)
+    print_table(study, export=not options.soup)
+    if options.soup:
+        make_soup(study)
 
 
 def run() -> None:
