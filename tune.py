@@ -296,8 +296,9 @@ def print_table(study: optuna.Study, export: bool = True) -> None:
     pruned = sum(t.state == TrialState.PRUNED for t in trials)
     finished = sum(t.state in FINISHED for t in trials)
     print(f"\n{finished} trials, {pruned} pruned. Best: trial {best.number}, val MCC {best.value:.4f}: {checkpoint}")
-    print("inference.py and serve.py pick it without --checkpoint. Next: python serve.py, or")
-    print(f'  python inference.py --checkpoint {shlex.quote(str(checkpoint))} "The boy is sitting on a bench."')
+    if export:  # else the soup comes next, and is what they pick
+        print("inference.py and serve.py pick it without --checkpoint. Next: python serve.py, or")
+        print(f'  python inference.py --checkpoint {shlex.quote(str(checkpoint))} "The boy is sitting on a bench."')
 
 
 def make_soup(study: optuna.Study) -> None:
@@ -361,7 +362,8 @@ def make_soup(study: optuna.Study) -> None:
     print(f"\nSoup of trials {', '.join(map(str, soup))} ({len(soup)} of {len(order)}): val MCC {soup_mcc:.4f}, the best"
           f" trial alone {scores[best]:.4f}: {path}")
     train.export_for_inference(str(path))
-    print("inference.py and serve.py pick it without --checkpoint (the newest run folder).")
+    print("inference.py and serve.py pick it without --checkpoint (the newest run folder). Next: python serve.py, or")
+    print(f'  python inference.py --checkpoint {shlex.quote(str(path))} "The boy is sitting on a bench."')
 
 
 def main() -> None:

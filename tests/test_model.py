@@ -8,7 +8,7 @@ import pytest
 import torch
 from pytorch_lightning import Callback
 from sklearn.metrics import matthews_corrcoef
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification, BertModel
 
 from conftest import save_tiny_distilbert, tiny_train_args
 from model import ColaModel, MatthewsCorrCoef, OptionError
@@ -258,3 +258,21 @@ def test_ema_resume_is_refused_without_the_same_decay(tiny_model_dir, tiny_data_
     assert resumed.returncode != 0 and "ema_decay" in resumed.stderr.splitlines()[-1], resumed.stderr[-2000:]
     refused = run_train(tmp_path, *args, "--model.ema_decay", "1.0")
     assert refused.returncode != 0 and "--model.ema_decay must be above 0 and below 1" in refused.stderr.splitlines()[-1]
+
+
+def test_head_seed_fixes_the_new_head_and_leaves_the_runs_random_state_alone(tiny_model_dir, tmp_path):
+    encoder = tmp_path / "encoder"  # a pretrained encoder without a classifier (as all-MiniLM-L6-v2): the head is new
+    BertModel(BertConfig.from_pretrained(tiny_model_dir)).save_pretrained(encoder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, encoder / name)
+
+    def build(seed: int, head_seed: int | None) -> tuple[torch.nn.Linear, torch.Tensor]:
+        torch.manual_seed(seed)  # as --seed_everything does before the model is made
+        return ColaModel(str(encoder), head_seed=head_seed).model.classifier, torch.get_rng_state()
+
+    (shared_1, state_1), (shared_2, _) = build(1, 0), build(2, 0)
+    (own_1, own_state_1), (own_2, _) = build(1, None), build(2, None)
+    assert torch.equal(shared_1.weight, shared_2.weight)  # one head, whatever the run's seed: runs can be averaged
+    assert not torch.equal(own_1.weight, own_2.weight) and not torch.equal(shared_1.weight, own_1.weight)
+    assert torch.equal(state_1, own_state_1)  # data order and dropout draw as they would without head_seed
+    assert not shared_1.bias.any() and shared_1.weight.std().item() == pytest.approx(0.02, rel=0.3)  # BERT's initializer_range

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import optuna
 import pytest
+import torch
 
 import checkpoints
 import train
@@ -229,6 +230,8 @@ def test_bad_input_is_one_line_and_leaves_no_trial(tmp_path, tiny_model_dir, tin
         storage = f"postgresql://user:secret@127.0.0.1:{s.getsockname()[1]}/db"
     code, err = run_tune_here(tmp_path, [*args, "--storage", storage], monkeypatch, capsys)
     assert code == 1 and err.count("\n") == 1 and err.startswith("error: --storage") and "secret" not in err
+    code, err = run_tune_here(tmp_path, [*args, "--soup"], monkeypatch, capsys)  # heads from each trial's seed
+    assert code == 1 and err == "error: --soup averages runs that start from one head: give every trial the same --model.head_seed (e.g. 0)\n"
     assert not (tmp_path / "logs" / "cola").exists() and not (tmp_path / "logs" / "tune.db").exists()
 
 
@@ -276,3 +279,34 @@ def test_after_a_sweep_its_best_trial_is_picked_and_a_later_plain_run_wins(tmp_p
     assert checkpoints.find_best_checkpoint(log_dir) == best
     later = run(6, 0.10)  # a plain run after the sweep is the latest run again
     assert checkpoints.find_best_checkpoint(log_dir) == later
+
+
+def test_a_soup_of_two_trials_is_their_average_and_is_served(tmp_path, tiny_model_dir, tiny_data_dir):
+    """tune.py --soup after 2 trials that share --model.head_seed. The tiny model's val MCC is 0 for every run (one
+    class predicted), so the greedy rule (a trial joins unless the soup's val MCC drops) takes both."""
+    args = ["--n_trials", "2", "--soup", *tune_args(tiny_model_dir, tiny_data_dir, "--model.head_seed", "0")]
+    result = subprocess.run([sys.executable, str(REPO / "tune.py"), *args], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Soup of trials 0, 1 (2 of 2)" in result.stdout
+    run_dir = tmp_path / "logs" / "cola" / "version_2"  # after the trials' version_0 and version_1
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [(t["trial"], t["seed"], t["in_soup"]) for t in metrics["soup"]["trials"]] == [(0, 1, True), (1, 2, True)]
+    soup = checkpoints.load_checkpoint(Path(metrics["best_model_path"]))
+    assert "optimizer_states" not in soup and soup["hyper_parameters"]["head_seed"] == 0
+    runs = [checkpoints.load_checkpoint(Path(t["checkpoint"]))["state_dict"] for t in metrics["soup"]["trials"]]
+    assert not torch.equal(runs[0]["model.classifier.weight"], runs[1]["model.classifier.weight"])  # two runs, one start
+    assert soup["state_dict"].keys() == runs[0].keys()
+    for name, weight in soup["state_dict"].items():
+        average = (runs[0][name] + runs[1][name]) / 2 if weight.is_floating_point() else runs[0][name]
+        torch.testing.assert_close(weight, average, rtol=0, atol=1e-7)
+    assert checkpoints.find_best_checkpoint(tmp_path / "logs" / "cola") == run_dir / "checkpoints" / Path(metrics["best_model_path"]).name
+    assert list(run_dir.glob("checkpoints/soup-*.onnx"))  # exported: inference.py and serve.py start fast
+    process, url = serve_load.start_server(None, [], tmp_path / "serve.log", cwd=tmp_path)
+    try:
+        health = httpx.get(f"{url}/health").json()
+        answer = httpx.post(f"{url}/predict", json={"sentences": ["The dog sat on the mat."]})
+    finally:
+        process.terminate()
+        process.wait()
+    assert "soup-val_mcc" in json.dumps(health) and answer.status_code == 200
+    assert answer.json()[0]["label"] in ("acceptable", "unacceptable")
