@@ -314,8 +314,9 @@ def create_app(predictor: ColaPredictor, settings: Settings) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         error = exc.errors()[0]
-        if error["type"] == "json_invalid":
-            return JSONResponse({"detail": f"body is not valid JSON: {error['ctx']['error']}"}, status_code=400)
+        if error["type"] == "json_invalid":  # ctx: json's message ("Invalid control character at"), loc: its offset
+            where = f"{error['ctx']['error'].removesuffix(' at')} at character {error['loc'][-1]}"
+            return JSONResponse({"detail": f"body is not valid JSON: {where}"}, status_code=400)
         if error["loc"] == ("body",) and isinstance(error.get("input"), bytes):  # no JSON content type
             return JSONResponse({"detail": "body is not JSON: send it with Content-Type: application/json"}, 400)
         example = ' (expected {"sentences": ["a sentence", ...]})' if len(error["loc"]) <= 2 else ""

@@ -25,8 +25,7 @@ from typing import Any, Optional
 import yaml
 
 import train  # first: it turns a Ctrl-C during the slow imports into one line
-from callbacks import StoppedBySignal
-from callbacks import AtomicCheckpointIO
+from callbacks import AtomicCheckpointIO, StoppedBySignal
 from checkpoints import (
     SWEEP_FILE, CheckpointError, best_checkpoint_of_run, claim_run_version, first_line, load_checkpoint, newest_checkpoint,
 )
@@ -323,6 +322,10 @@ def make_soup(study: optuna.Study) -> None:
                              " random weights than the others', and their average is no model; sweep with it")
         if {k: v.shape for k, v in checkpoint["state_dict"].items()} != shapes:
             raise SweepError(f"--soup: trials {first_number} and {number} trained models of other shapes: only one model's runs average")
+        for name in ("model_name_or_path", "pooling", "head_seed"):  # same shapes, but weights that mean other things
+            if checkpoint["hyper_parameters"].get(name) != first["hyper_parameters"].get(name):
+                raise SweepError(f"--soup: trials {first_number} and {number} differ in --model.{name}: only runs of one model"
+                                 " from one starting point average; keep it out of the search space")
     # Scored as training validates: the same model class, data module, metric and split.
     hyper_parameters = {k: v for k, v in first["hyper_parameters"].items() if not k.startswith("_")}
     model = ColaModel(**hyper_parameters)

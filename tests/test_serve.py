@@ -106,7 +106,11 @@ def test_concurrent_requests_each_get_their_own_answers(predictor, best_checkpoi
 @pytest.mark.parametrize(
     "request_args, status, message",
     [
-        (dict(content="{not json", headers={"content-type": "application/json"}), 400, "body is not valid JSON"),
+        (dict(content="{not json", headers={"content-type": "application/json"}), 400,
+         "body is not valid JSON: Expecting property name enclosed in double quotes at character 1"),
+        # A raw control character (dev.tsv has a backspace in one sentence) is invalid JSON: the client must escape it.
+        (dict(content='{"sentences": ["A\x08dog."]}', headers={"content-type": "application/json"}), 400,
+         "body is not valid JSON: Invalid control character at character 17"),
         (dict(content='{"sentences": ["A dog."]}'), 400, "Content-Type: application/json"),
         (dict(), 422, "body: Field required"),
         (dict(json=["A dog."]), 422, "body: Input should be a valid dictionary"),

@@ -22,6 +22,7 @@ import checkpoints
 import train
 import tune
 from benchmarks import serve_load
+from callbacks import AtomicCheckpointIO
 from conftest import REPO, tiny_train_args
 
 pytestmark = pytest.mark.slow  # whole sweeps, two workers, a PostgreSQL server: the fast tier leaves them to CI
@@ -281,7 +282,7 @@ def test_after_a_sweep_its_best_trial_is_picked_and_a_later_plain_run_wins(tmp_p
     assert checkpoints.find_best_checkpoint(log_dir) == later
 
 
-def test_a_soup_of_two_trials_is_their_average_and_is_served(tmp_path, tiny_model_dir, tiny_data_dir):
+def test_a_soup_of_two_trials_is_their_average_and_is_served(tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch):
     """tune.py --soup after 2 trials that share --model.head_seed. The tiny model's val MCC is 0 for every run (one
     class predicted), so the greedy rule (a trial joins unless the soup's val MCC drops) takes both."""
     args = ["--n_trials", "2", "--soup", *tune_args(tiny_model_dir, tiny_data_dir, "--model.head_seed", "0")]
@@ -310,3 +311,11 @@ def test_a_soup_of_two_trials_is_their_average_and_is_served(tmp_path, tiny_mode
         process.wait()
     assert "soup-val_mcc" in json.dumps(health) and answer.status_code == 200
     assert answer.json()[0]["label"] in ("acceptable", "unacceptable")
+    # Trials that read their weights otherwise (here: another pooling) are refused, not averaged.
+    other = checkpoints.load_checkpoint(Path(metrics["soup"]["trials"][1]["checkpoint"]))
+    other["hyper_parameters"]["pooling"] = "mean" if other["hyper_parameters"]["pooling"] == "cls" else "cls"
+    AtomicCheckpointIO().save_checkpoint(other, metrics["soup"]["trials"][1]["checkpoint"])
+    monkeypatch.chdir(tmp_path)  # where the trials' run folders are
+    study = optuna.load_study(study_name="cola", storage="sqlite:///logs/tune.db")
+    with pytest.raises(tune.SweepError, match=r"^--soup: trials 0 and 1 differ in --model.pooling: only runs of one model"):
+        tune.make_soup(study)
