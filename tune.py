@@ -296,8 +296,12 @@ def print_table(study: optuna.Study, export: bool = True) -> None:
     finished = sum(t.state in FINISHED for t in trials)
     print(f"\n{finished} trials, {pruned} pruned. Best: trial {best.number}, val MCC {best.value:.4f}: {checkpoint}")
     if export:  # else the soup comes next, and is what they pick
-        print("inference.py and serve.py pick it without --checkpoint. Next: python serve.py, or")
-        print(f'  python inference.py --checkpoint {shlex.quote(str(checkpoint))} "The boy is sitting on a bench."')
+        print_next_steps(checkpoint)
+
+
+def print_next_steps(checkpoint: Path, why: str = "") -> None:
+    print(f"inference.py and serve.py pick it without --checkpoint{why}. Next: python serve.py, or")
+    print(f'  python inference.py --checkpoint {shlex.quote(str(checkpoint))} "The boy is sitting on a bench."')
 
 
 def make_soup(study: optuna.Study) -> None:
@@ -330,7 +334,8 @@ def make_soup(study: optuna.Study) -> None:
     hyper_parameters = {k: v for k, v in first["hyper_parameters"].items() if not k.startswith("_")}
     model = ColaModel(**hyper_parameters)
     datamodule = ColaDataModule(**{k: v for k, v in first["datamodule_hyper_parameters"].items() if not k.startswith("_")})
-    trainer = Trainer(devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = Trainer(devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      plugins=[AtomicCheckpointIO()])
 
     def val_mcc(members: list[int]) -> float:
         """The val MCC of these trials' average, which the model then holds."""
@@ -354,10 +359,7 @@ def make_soup(study: optuna.Study) -> None:
     log_dir = saved[best].parent.parent.parent
     run_dir = log_dir / claim_run_version(log_dir)
     path = run_dir / "checkpoints" / f"soup-val_mcc={soup_mcc:.4f}.ckpt"
-    # What inference needs (weights, model and data settings, config, tokenizer); no training state to resume from.
-    keep = ("pytorch-lightning_version", "hparams_name", "hyper_parameters", "datamodule_hparams_name",
-            "datamodule_hyper_parameters", "hf_config", "tokenizer_files")
-    AtomicCheckpointIO().save_checkpoint({**{k: first[k] for k in keep if k in first}, "state_dict": model.state_dict()}, path)
+    trainer.save_checkpoint(path, weights_only=True)  # as training saves one (config, tokenizer), without optimizer state
     shutil.copy(saved[best].parent.parent / "hparams.yaml", run_dir / "hparams.yaml")
     trials = [{"trial": n, "seed": seeds[n], "val_mcc": scores[n], "checkpoint": str(saved[n]), "in_soup": n in soup} for n in order]
     metrics = {"best_val_mcc": soup_mcc, "best_model_path": str(path), "soup": {"study": study.study_name, "trials": trials}}
@@ -365,8 +367,7 @@ def make_soup(study: optuna.Study) -> None:
     print(f"\nSoup of trials {', '.join(map(str, soup))} ({len(soup)} of {len(order)}): val MCC {soup_mcc:.4f}, the best"
           f" trial alone {scores[best]:.4f}: {path}")
     train.export_for_inference(str(path))
-    print("inference.py and serve.py pick it without --checkpoint (the newest run folder). Next: python serve.py, or")
-    print(f'  python inference.py --checkpoint {shlex.quote(str(path))} "The boy is sitting on a bench."')
+    print_next_steps(path, " (the newest run folder)")
 
 
 def main() -> None:
