@@ -23,12 +23,13 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, WeightAv
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from checkpoints import CheckpointError, run_folder_of
+from checkpoints import CheckpointError, remove_dead_writers_files, run_folder_of, temporary_path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint beside its final name, then renames it over that name: a run killed while
-    saving leaves the previous file whole, at worst a `*.ckpt.partial` file to delete.
+    """Writes each checkpoint beside its final name (checkpoints.temporary_path), then renames it over that name:
+    a run killed while saving leaves the previous file whole, and the next save in that folder removes what the
+    killed one had written (checkpoints.remove_dead_writers_files).
 
     Lightning's own save writes to the system's temporary folder and then *moves* the file, which is a
     copy straight into the final name when that folder is on another filesystem (tmpfs /tmp, say).
@@ -39,7 +40,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
+        remove_dead_writers_files(path.parent)
+        partial = temporary_path(path)
         try:
             with open(partial, "wb") as f:
                 torch.save(checkpoint, f)
@@ -125,6 +127,7 @@ class TrainingThroughput(Callback):
     """
 
     def __init__(self) -> None:
+        self.samples_trained = 0  # by this process since it started (metrics.json's train_samples_per_second)
         self._restart()
 
     def _restart(self, *_: Any) -> None:
@@ -134,6 +137,7 @@ class TrainingThroughput(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, *_: Any) -> None:
         self._samples += batch["input_ids"].size(0)
+        self.samples_trained += batch["input_ids"].size(0)
         self._tokens = self._tokens + batch["attention_mask"].sum()  # a tensor: no wait here
         every = trainer.log_every_n_steps
         if not every or trainer.global_step % every:  # Lightning logs at the same steps

@@ -6,11 +6,14 @@ path never opens a checkpoint, only the ONNX export cached for it.
 """
 
 import contextlib
+import glob
 import json
 import mmap
 import os
 import pickle
 import re
+import shutil
+import socket
 import struct
 import sys
 import tempfile
@@ -21,6 +24,33 @@ from typing import Optional
 LOG_DIR = Path("logs/cola")  # TensorBoardLogger's save_dir/name as train.py sets them
 SLURM_JOB_FILE = "slurm_job_id"  # in a run folder: the SLURM job that trains it, so that a requeued job finds it
 SWEEP_FILE = "tune.json"  # in a run folder of a tune.py trial: {"study", "trial", "state": running, pruned or complete}
+
+
+def temporary_path(path: Path) -> Path:
+    """Where an atomic writer puts path's bytes before os.replace() moves them in place: beside it (one
+    filesystem), named for this machine and process, so that remove_dead_writers_files can tell a killed
+    writer's leftover from a live one's."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
+def remove_dead_writers_files(folder: Path) -> None:
+    """The temporary files (or folders) of writers on this machine that were killed mid-write, removed: kill -9
+    and the out-of-memory killer run no clean-up, and nothing else would ever remove them. Every atomic writer
+    calls it on its folder first."""
+    for leftover in folder.glob(f".*.{glob.escape(socket.gethostname())}.*.tmp"):
+        pid = leftover.name.removesuffix(".tmp").rpartition(".")[2]
+        if pid.isdigit() and process_gone(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process: alive
+        pass
+    return False
 
 
 class CheckpointError(Exception):

@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import xxhash
 
-from checkpoints import CheckpointError, file_identity, first_line, load_checkpoint, resolve_checkpoint
+from checkpoints import (
+    CheckpointError, file_identity, first_line, load_checkpoint, remove_dead_writers_files, resolve_checkpoint, temporary_path,
+)
 
 if TYPE_CHECKING:
     import onnx
@@ -295,7 +297,8 @@ def write_atomically(path: Path, build: Callable[[Path], None]) -> None:
             f"cannot cache the ONNX export: {path.parent} is not writable; set XDG_CACHE_HOME to a writable"
             " folder, or use --backend torch"
         )
-    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    remove_dead_writers_files(path.parent)
+    tmp_path = temporary_path(path)
     try:
         build(tmp_path)
         append_digest(tmp_path)
@@ -331,7 +334,8 @@ def export_hf(checkpoint_path: Path, out_dir: str) -> None:
         )
     model, tokenizer = load_torch_model(checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
+    remove_dead_writers_files(out.parent)
+    tmp = temporary_path(out)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

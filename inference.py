@@ -22,6 +22,7 @@ copy): then neither torch, Lightning nor transformers is needed, only requiremen
 """
 
 import argparse
+import codecs
 import importlib.util
 import itertools
 import json
@@ -40,7 +41,14 @@ if TYPE_CHECKING:
     import onnxruntime
 
 BATCH_SIZE = 64
-CHUNK_LINES = 10_000  # --file and stdin are read, predicted and printed this many lines at a time: flat memory
+# --file and stdin are read, predicted and printed this many lines (or bytes) at a time: flat memory. By bytes
+# too: 10,000 lines of 16 KiB took 10,000 lines' worth of memory that 10,000 sentences never do.
+CHUNK_LINES = 10_000
+CHUNK_BYTES = 4 * 1024 * 1024
+# Sentences tokenized at once. The tokenizer keeps every 128-token overflow piece of a truncated sentence (a
+# 16 KiB line: ~0.7 MB of them), so a whole chunk at once peaked at 7.3 GB for 10,000 such lines; in groups of
+# 64, with only the ids kept, memory stays flat (README, "Failures").
+TOKENIZE_GROUP = 64
 # A longer line is no sentence (the model reads at most 512 tokens, a few thousand characters), and reading it whole
 # would take memory without bound (a 20 MB line took 3 GB; /dev/zero has no line end at all).
 MAX_LINE_BYTES = 16 * 1024
@@ -123,10 +131,14 @@ class ColaPredictor:
                 raise InputError(f"sentence {number} is not valid Unicode text ({e.reason})") from None
         results: list[dict] = [{"sentence": s, "error": "empty sentence"} for s in sentences]
         todo = [i for i, s in enumerate(sentences) if s.strip()]
-        encodings = dict(zip(todo, self.tokenizer.encode_batch([sentences[i] for i in todo])))
-        truncated = sum(bool(e.overflowing) for e in encodings.values())
+        encodings, truncated = {}, 0  # sentence index -> (ids, type_ids)
+        for start in range(0, len(todo), TOKENIZE_GROUP):
+            group = todo[start : start + TOKENIZE_GROUP]
+            for i, e in zip(group, self.tokenizer.encode_batch([sentences[i] for i in group])):
+                encodings[i] = (np.array(e.ids, dtype=np.int64), np.array(e.type_ids, dtype=np.int64))
+                truncated += bool(e.overflowing)
         # Similar lengths share a batch, so padding each batch to its longest sentence adds little.
-        todo.sort(key=lambda i: len(encodings[i].ids))
+        todo.sort(key=lambda i: len(encodings[i][0]))
         batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
         for batch in progress_bar(batches, enabled=progress):
             logits = self._logits(self._pad([encodings[i] for i in batch])).astype(np.float64)
@@ -144,17 +156,17 @@ class ColaPredictor:
                 }
         return results, truncated
 
-    def _pad(self, encodings: list) -> dict[str, np.ndarray]:
-        width = max(len(e.ids) for e in encodings)
+    def _pad(self, encodings: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+        width = max(len(ids) for ids, _ in encodings)
         arrays = {
             "input_ids": np.full((len(encodings), width), self.pad_token_id, dtype=np.int64),
             "attention_mask": np.zeros((len(encodings), width), dtype=np.int64),
             "token_type_ids": np.zeros((len(encodings), width), dtype=np.int64),
         }
-        for row, e in enumerate(encodings):
-            n = len(e.ids)
-            arrays["input_ids"][row, :n], arrays["attention_mask"][row, :n] = e.ids, 1
-            arrays["token_type_ids"][row, :n] = e.type_ids
+        for row, (ids, type_ids) in enumerate(encodings):
+            n = len(ids)
+            arrays["input_ids"][row, :n], arrays["attention_mask"][row, :n] = ids, 1
+            arrays["token_type_ids"][row, :n] = type_ids
         return {name: arrays[name] for name in self.input_names}
 
 
@@ -260,12 +272,12 @@ def read_sentences(args: argparse.Namespace) -> Iterator[list[str]]:
 
 
 def read_lines(source: BinaryIO, name: str) -> Iterator[list[str]]:
-    """source's lines in chunks of CHUNK_LINES; on a bad line, the lines before it, then InputError.
+    """source's lines in chunks of CHUNK_LINES or CHUNK_BYTES; on a bad line, the lines before it, then InputError.
     Lines end at \n (or \r\n) only, as binary files split them: str.splitlines() would also split at
     characters such as \x0c or \u2028 inside a sentence, and the output would no longer have one line
     per input line."""
     chunk: list[str] = []
-    number, error = 0, None
+    number, error, chunk_bytes = 0, None, 0
     with source:
         try:
             for number, raw in enumerate(iter(lambda: source.readline(MAX_LINE_BYTES + 1), b""), start=1):
@@ -278,9 +290,10 @@ def read_lines(source: BinaryIO, name: str) -> Iterator[list[str]]:
                     if not raw:
                         break  # the file was that mark alone: no line
                 chunk.append(raw.decode("utf-8").removesuffix("\n").removesuffix("\r"))
-                if len(chunk) == CHUNK_LINES:
+                chunk_bytes += len(raw)
+                if len(chunk) == CHUNK_LINES or chunk_bytes >= CHUNK_BYTES:
                     yield chunk
-                    chunk = []
+                    chunk, chunk_bytes = [], 0
         except UnicodeDecodeError:
             error = InputError(f"{name}:{number}: not valid UTF-8; save the file as UTF-8")
         except OSError as e:
@@ -329,9 +342,10 @@ def glue_test_predictions(predictor: ColaPredictor, path: str) -> Iterator[str]:
 def print_results(results: list[dict], as_json: bool, first_line: int = 1, label_width: int = 0) -> None:
     """One line per result on stdout (JSON, or label, probability, sentence); in text mode an error is a
     warning on stderr instead. first_line numbers the results in those warnings."""
+    ascii_only = codecs.lookup(sys.stdout.encoding or "ascii").name not in ("utf-8", "utf-16", "utf-32")
     for line_no, result in enumerate(results, start=first_line):
-        if as_json:
-            print(json.dumps(result, ensure_ascii=False, allow_nan=False))
+        if as_json:  # where stdout takes no UTF-8 (PYTHONIOENCODING=ascii): \u escapes, the same JSON
+            print(json.dumps(result, ensure_ascii=ascii_only, allow_nan=False))
         elif "error" in result:
             print(f"warning: input {line_no} skipped: {result['error']}", file=sys.stderr)
         else:
@@ -355,6 +369,8 @@ def main() -> None:
     parser.error = lambda message: sys.exit(f"error: {message} (python inference.py --help lists the options)")
     args = parser.parse_args()
     check_inputs(args)
+    # A sentence stdout's encoding cannot write (PYTHONIOENCODING=ascii, a C locale) was a traceback: \xdf instead.
+    sys.stdout.reconfigure(errors="backslashreplace")
 
     checkpoint = args.checkpoint or find_best_checkpoint()
     if args.export:

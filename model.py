@@ -98,10 +98,11 @@ class SentenceClassifier(torch.nn.Module):
 
 
 def check_options(
-    learning_rate: Optional[float], weight_decay: float, warmup_ratio: float, layer_decay: float,
+    model_name_or_path: str, learning_rate: Optional[float], weight_decay: float, warmup_ratio: float, layer_decay: float,
     head_learning_rate: Optional[float], num_layers: Optional[int] = None, ema_decay: Optional[float] = None,
 ) -> None:
-    """Refuse, before the model loads, values with which training cannot work (`not x > 0` also catches NaN)."""
+    """Refuse, before the model loads, values with which training cannot work (`not x > 0` also catches NaN).
+    tune.py checks every value of a search space with it, before the study exists."""
     for name, value in (("learning_rate", learning_rate), ("head_learning_rate", head_learning_rate)):
         if value is not None and not 0 < value < float("inf"):
             raise OptionError(f"--model.{name} must be a positive number (e.g. 2e-5), or null for the default; not {value}")
@@ -115,6 +116,11 @@ def check_options(
         raise OptionError(f"--model.ema_decay must be above 0 and below 1 (e.g. 0.99), or null for none; not {ema_decay}")
     if num_layers is not None and num_layers < 1:
         raise OptionError(f"--model.num_layers must be at least 1, or null for all the model's layers; not {num_layers}")
+    if num_layers is not None:  # more layers than the model has would be added with random weights
+        with explain_hub_errors("model", model_name_or_path):
+            available = AutoConfig.from_pretrained(model_name_or_path).num_hidden_layers
+        if num_layers > available:
+            raise OptionError(f"--model.num_layers {num_layers}: {model_name_or_path} has {available} layers; use at most {available}")
 
 
 class ColaModel(pl.LightningModule):
@@ -163,13 +169,9 @@ class ColaModel(pl.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        check_options(learning_rate, weight_decay, warmup_ratio, layer_decay, head_learning_rate, num_layers, ema_decay)
+        check_options(model_name_or_path, learning_rate, weight_decay, warmup_ratio, layer_decay, head_learning_rate,
+                      num_layers, ema_decay)
         self.save_hyperparameters()
-        if num_layers is not None:  # more layers than the model has would be added with random weights
-            with explain_hub_errors("model", model_name_or_path):
-                available = AutoConfig.from_pretrained(model_name_or_path).num_hidden_layers
-            if num_layers > available:
-                raise OptionError(f"--model.num_layers {num_layers}: {model_name_or_path} has {available} layers; use at most {available}")
         with explain_hub_errors("model", model_name_or_path):
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 model_name_or_path,

@@ -15,9 +15,12 @@ beyond --max_queue waiting sentences a request is refused with 503 rather than q
 import argparse
 import asyncio
 import json
+import logging
 import os
 import re
+import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -27,33 +30,41 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, NoReturn, Optional
 
-import uvicorn
-import yaml
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
-from fastapi_offline import FastAPIOffline
-from prometheus_client import Gauge
-from pydantic import BaseModel, ConfigDict
-from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Receive, Scope, Send
-from uvicorn.supervisors import Multiprocess
+SETTINGS_VARIABLE = "COLA_SERVE_SETTINGS"  # how --workers N hands the settings to its worker processes
+SUPERVISOR_VARIABLE = "COLA_SERVE_SUPERVISOR"  # ... and the process id they exit without (exit_with_supervisor)
+if SUPERVISOR_VARIABLE not in os.environ:  # not a worker of --workers: its supervisor sets both
+    # An inherited PROMETHEUS_MULTIPROC_DIR (another program's) put prometheus_client in multiprocess mode, read
+    # when it is imported, below: a folder that did not exist was a traceback at start; one that did, mixed metrics.
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
 
-from checkpoints import CheckpointError, find_best_checkpoint, run_folder_of
-from export import file_sha256
-from inference import BACKENDS, ColaPredictor, InputError, resolve_model
-from metrics import CLIENT_GONE, CONTENT_TYPE, MULTIPROCESS_DIR, RequestMetrics, ServeMetrics
+import h11  # noqa: E402
+import uvicorn  # noqa: E402
+import yaml  # noqa: E402
+from fastapi import FastAPI, HTTPException, Request  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.responses import HTMLResponse, JSONResponse, Response  # noqa: E402
+from fastapi_offline import FastAPIOffline  # noqa: E402
+from prometheus_client import Gauge  # noqa: E402
+from pydantic import BaseModel, ConfigDict  # noqa: E402
+from starlette.datastructures import Headers  # noqa: E402
+from starlette.types import ASGIApp, Receive, Scope, Send  # noqa: E402
+from uvicorn.protocols.http.h11_impl import H11Protocol  # noqa: E402
+from uvicorn.supervisors import Multiprocess  # noqa: E402
 
-PAGE = Path(__file__).resolve().parent / "serve.html"
+from checkpoints import CheckpointError, find_best_checkpoint, process_gone, run_folder_of  # noqa: E402
+from export import file_sha256  # noqa: E402
+from inference import BACKENDS, ColaPredictor, InputError, resolve_model  # noqa: E402
+from metrics import CLIENT_GONE, CONTENT_TYPE, MULTIPROCESS_DIR, RequestMetrics, ServeMetrics  # noqa: E402
+
+PAGE = Path(__file__).resolve().parent / "serve.html"  # read once per start: no file opened per request
 # What loading a checkpoint raises for a file or folder that cannot be served: one line, exit 1.
 START_UP_ERRORS = (InputError, CheckpointError)
 # A gathered batch goes to the model in length-sorted slices of 8: 32 random CoLA sentences padded to the
 # longest cost MiniLM-L6 more than the batching saves (measured on 2 cores: 1.35x the one-at-a-time
 # sentences/s in one slice of 32, 1.7-1.8x in slices of 8 or 16).
 MODEL_BATCH_SIZE = 8
-SETTINGS_VARIABLE = "COLA_SERVE_SETTINGS"  # how --workers N hands the settings to its worker processes
-SUPERVISOR_VARIABLE = "COLA_SERVE_SUPERVISOR"  # ... and the process id they exit without (exit_with_supervisor)
 SUPERVISOR_POLL_S = 0.5
+METRICS_DIR_PREFIX = "cola-serve-metrics-"  # + the supervisor's process id: --workers N's metrics, in the temp folder
 # A refusal (503) is answered after REFUSAL_HOLD_S, with "Retry-After: 0": the wait is over when it comes.
 # Clients (and load generators) mostly retry a 503 at once: refused in microseconds, they sent thousands of
 # requests a second to refuse, on the cores the model needs. Held, a connection costs at most one refusal a
@@ -65,6 +76,12 @@ REFUSAL_HOLD_S = 1.0
 # upload) would hold the shutdown forever: after this many seconds the rest are cancelled and the server
 # exits. Well inside `docker stop`'s 10 s and Kubernetes' 30 s before they kill.
 GRACEFUL_SHUTDOWN_S = 5
+# Connections the kernel may queue before accept(). asyncio accepts up to this many at once before any is
+# refused, so the open-files limit must leave room for them above --max_connections (fit_open_files).
+BACKLOG = 256
+RESERVED_FILES = 64  # the process's own: the model, libraries, logs, the listening socket
+MAX_HEADER_BYTES = 16 * 1024  # h11's own bound on headers that arrive in pieces; nginx allows 4 x 8 KB
+LOG_EVERY_S = 10.0  # refused and timed-out connections are counted and logged at most this often: no flood
 
 
 @dataclass
@@ -85,6 +102,14 @@ class Settings:
     # clients are never refused. Unbounded, 256 clients saw a p99 of 0.83 s (6x the 32 clients' p99).
     max_queue: int = 32
     batching: bool = True
+    # A client has this long to send a whole request, headers and body, from the moment its connection opens or
+    # its previous answer is sent (nginx's client_header_timeout and client_body_timeout, as one deadline that
+    # trickled bytes do not extend). 10 s: a 256 KiB body at 26 KB/s.
+    request_timeout_s: float = 10.0
+    # Connections open at once, per worker; beyond, a new one is answered 503 and closed. Each idle one costs
+    # a file descriptor and ~10 KB; with the 1,024 open-files limit common on Linux, ~1,000 idle sockets used
+    # to stop the server answering anyone (benchmarks/README.md, "Hostile clients").
+    max_connections: int = 1024
 
 
 class QueueFull(Exception):
@@ -213,7 +238,8 @@ class RefuseWhenFull:
 class BodySizeLimit:
     """413, with a JSON message, for a request body over max_bytes: by its Content-Length before any of it is
     read, or counted as it arrives when it has none (chunked). FastAPI's own max_body_size answers the first
-    case in plain text."""
+    case in plain text. And 431 for headers over MAX_HEADER_BYTES in all: h11 refuses larger ones only when
+    they arrive in pieces (a 70 KB header sent at once was served)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -222,6 +248,9 @@ class BodySizeLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if sum(len(name) + len(value) for name, value in scope["headers"]) > MAX_HEADER_BYTES:
+            detail = f"request headers over {MAX_HEADER_BYTES} bytes in all"
+            return await JSONResponse({"detail": detail}, 431)(scope, receive, send)
         too_large = HTTPException(413, f"request body over {self.max_bytes} bytes: send fewer or shorter sentences")
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
@@ -239,10 +268,164 @@ class BodySizeLimit:
         await self.app(scope, counting_receive, send)
 
 
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with the two bounds it lacks, so that one client cannot hold the server:
+
+    - a deadline for each request: from the moment a connection opens (or its previous answer has been sent)
+      the client has request_timeout_s to send the whole request; then it gets 408 (or, having sent nothing,
+      is closed). Trickled bytes do not extend it. Also while the client reads no answer (writing paused).
+    - at most max_connections open: beyond, a new connection is answered 503 with Retry-After and closed at
+      once, so open files stay below the process's limit (fit_open_files) and accept() never fails.
+
+    uvicorn's own timeout_keep_alive starts only after an answer and any byte cancels it; its limit_concurrency
+    answers 503 only to a complete request. Refusals and timeouts are logged as counts, every LOG_EVERY_S."""
+
+    max_connections = Settings.max_connections
+    request_timeout_s = Settings.request_timeout_s
+    counts = {"refused": 0, "timed_out": 0}
+    last_logged = 0.0
+    log_pending = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.deadline: Optional[asyncio.TimerHandle] = None
+        if len(self.connections) > self.max_connections:
+            self.count("refused")
+            detail = json.dumps({"detail": f"over {self.max_connections} connections are open: retry in a second"})
+            transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+                            b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(detail), detail.encode()))
+            transport.close()
+            return
+        self.update_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self.update_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self.update_deadline()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.update_deadline()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.update_deadline()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        if getattr(self, "deadline", None):
+            self.deadline.cancel()
+        super().connection_lost(exc)
+
+    def update_deadline(self) -> None:
+        """Armed while the server waits for the client (its request, or its reading of the answer); off while
+        the app works on a whole request. Armed once per wait: bytes that arrive do not move it."""
+        cycle = self.cycle
+        waiting = cycle is None or cycle.response_complete or cycle.more_body or self.flow.write_paused
+        if waiting and self.deadline is None and not self.transport.is_closing():
+            self.deadline = self.loop.call_later(self.request_timeout_s, self.timed_out)
+        elif not waiting and self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+
+    def timed_out(self) -> None:
+        self.deadline = None
+        if self.transport.is_closing():
+            return
+        started = self.conn.their_state is h11.SEND_BODY or bool(self.conn.trailing_data[0])
+        if started and (self.cycle is None or self.cycle.response_complete or not self.cycle.response_started):
+            self.count("timed_out")
+            detail = f'{{"detail": "the request took over {self.request_timeout_s:g} s to arrive: send it at once"}}'
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(detail), detail.encode()))
+        elif self.cycle is None or self.cycle.response_complete:
+            self.count("timed_out")  # idle: nothing sent, or nothing since its last answer
+        self.transport.close()
+
+    @classmethod
+    def count(cls, what: str) -> None:
+        cls.counts[what] += 1
+        if not cls.log_pending:
+            cls.log_pending = True
+            wait = max(0.0, cls.last_logged + LOG_EVERY_S - time.monotonic())
+            asyncio.get_running_loop().call_later(wait, cls.log_counts)
+
+    @classmethod
+    def log_counts(cls) -> None:
+        refused, timed_out = cls.counts["refused"], cls.counts["timed_out"]
+        cls.counts = {"refused": 0, "timed_out": 0}
+        cls.last_logged, cls.log_pending = time.monotonic(), False
+        logging.getLogger("uvicorn.error").warning(
+            f"closed {timed_out} connection(s) that sent no whole request within {cls.request_timeout_s:g} s, refused"
+            f" {refused} beyond {cls.max_connections} open (--request_timeout_s, --max_connections)")
+
+    @classmethod
+    def configure(cls, settings: Settings) -> None:
+        """In each serving process, before it starts (the workers import this module anew)."""
+        cls.max_connections, cls.request_timeout_s = settings.max_connections, settings.request_timeout_s
+        logging.getLogger("asyncio").addFilter(RateLimitedAcceptErrors())
+
+
+def fit_open_files(max_connections: int) -> tuple[int, int]:
+    """(connections, backlog) that this process's open files can hold: first its open-files limit is raised (the
+    soft one, up to the hard one, as nginx's worker_rlimit_nofile does); if that is not enough, fewer of both,
+    said in a note. asyncio accepts up to `backlog` connections before refusing any, so both need room."""
+    import resource  # POSIX only
+
+    needed = max_connections + BACKLOG + RESERVED_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return max_connections, BACKLOG
+    if soft < needed:
+        soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft >= needed:
+        return max_connections, BACKLOG
+    room = soft - RESERVED_FILES
+    backlog = min(BACKLOG, room // 4)
+    if backlog < 1:
+        refuse(f"the open-files limit ({soft}, ulimit -n) leaves no room for connections: raise it to {needed} or more")
+    print(f"note: the open-files limit ({soft}, ulimit -n) fits {room - backlog} connections at once, not --max_connections"
+          f" {max_connections}: raise the hard limit to {needed} for all of them", file=sys.stderr)
+    return room - backlog, backlog
+
+
+class RateLimitedAcceptErrors(logging.Filter):
+    """asyncio logs a traceback for every failed accept() (out of open files: ~250,000 of them in 20 s, 130 MB,
+    before the bound above): one line every LOG_EVERY_S instead, should anything else use the files up."""
+
+    last = 0.0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("socket.accept() out of system resource"):
+            return True
+        if time.monotonic() - self.last < LOG_EVERY_S:
+            return False
+        self.last, record.exc_info, record.exc_text = time.monotonic(), None, None
+        return True
+
+
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")  # {"sentence": ...} is a mistake to report, not to ignore
 
     sentences: list[str]
+
+
+class ErrorDetail(BaseModel):
+    detail: str  # one line: what was wrong, and how to send it right
+
+
+# Every answer /predict gives besides 200, in its OpenAPI schema (the 422 is ours: one line, not FastAPI's list).
+PREDICT_ERRORS = {
+    status: {"model": ErrorDetail, "description": description} for status, description in (
+        (400, "the body is not JSON"), (408, "the request took over --request_timeout_s to arrive"),
+        (431, "request headers over 16 KiB"),
+        (413, "too many sentences, too long a sentence, or too large a body"), (422, "not {\"sentences\": [strings]}"),
+        (503, "overloaded: retry (Retry-After)"),
+    )
+}
 
 
 def checkpoint_facts(checkpoint: Path, export_base_model: Optional[str] = None) -> dict:
@@ -326,7 +509,7 @@ def create_app(predictor: ColaPredictor, settings: Settings) -> FastAPI:
     async def model_failed(request: Request, exc: Exception) -> JSONResponse:  # JSON, as every other error
         return JSONResponse({"detail": f"the model failed on this batch ({type(exc).__name__})"}, status_code=500)
 
-    @app.post("/predict")
+    @app.post("/predict", responses=PREDICT_ERRORS)
     async def predict(body: PredictRequest, request: Request) -> list[dict]:
         """One result per sentence, in order: {"sentence", "label", "probabilities": {label: p}},
         or {"sentence", "error"} for an empty one or a non-finite model output. 503 with Retry-After when
@@ -365,9 +548,11 @@ def create_app(predictor: ColaPredictor, settings: Settings) -> FastAPI:
     async def prometheus_metrics() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
+    page_html = PAGE.read_bytes()
+
     @app.get("/", include_in_schema=False)
-    async def page() -> FileResponse:
-        return FileResponse(PAGE)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(page_html)
 
     app.add_middleware(RefuseWhenFull, max_queue=settings.max_queue,
                        queue_full=lambda: getattr(app.state, "batcher", None) is not None and app.state.batcher.full())
@@ -394,7 +579,30 @@ def app_from_environment() -> FastAPI:
     """The app of one of --workers N's processes: each loads the model itself (uvicorn needs an import string)."""
     exit_with_supervisor(int(os.environ[SUPERVISOR_VARIABLE]))
     settings = Settings(**json.loads(os.environ[SETTINGS_VARIABLE]))
+    GuardedH11Protocol.configure(settings)
     return create_app(ColaPredictor(settings.checkpoint, backend=settings.backend), settings)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads: a port in use is one line, at once (uvicorn bound it
+    after loading, then logged the error among its start and stop lines, exit 3)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sys.exit(f"error: cannot listen on {host}:{port}: {e.strerror or e} (another server there? give another --port)")
+    sock.set_inheritable(True)  # the workers of --workers accept on it
+    return sock
+
+
+def remove_stale_metrics_dirs() -> None:
+    """The metrics folders of --workers supervisors that were killed (kill -9 runs no clean-up): removed, so that
+    they do not pile up in the temp folder."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*-*"):
+        pid = folder.name.removeprefix(METRICS_DIR_PREFIX).split("-")[0]
+        if pid.isdigit() and process_gone(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def refuse(message: str) -> NoReturn:
@@ -421,18 +629,25 @@ def parse_args() -> tuple[Settings, argparse.Namespace]:
     parser.add_argument("--max_queue", type=int, default=defaults.max_queue,
                         help="sentences waiting for the model (per worker) beyond which a request gets 503")
     parser.add_argument("--no_batching", action="store_true", help="one model call per request (for comparison)")
+    parser.add_argument("--request_timeout_s", type=float, default=defaults.request_timeout_s,
+                        help="a client has this long to send a whole request (its headers and body): then 408")
+    parser.add_argument("--max_connections", type=int, default=defaults.max_connections,
+                        help="connections open at once (per worker); beyond, a new one gets 503 and is closed")
     args = parser.parse_args()
-    for name in ("workers", "max_sentences", "max_chars", "max_body_bytes", "max_batch_size", "max_queue"):
+    for name in ("workers", "max_sentences", "max_chars", "max_body_bytes", "max_batch_size", "max_queue", "max_connections"):
         if getattr(args, name) < 1:
             refuse(f"--{name} must be at least 1, not {getattr(args, name)}")
     if not 0 <= args.max_wait_ms < float("inf"):
         refuse(f"--max_wait_ms must be 0 or more, not {args.max_wait_ms}")
+    if not 0 < args.request_timeout_s < float("inf"):
+        refuse(f"--request_timeout_s must be above 0, not {args.request_timeout_s}")
     if not 0 <= args.port <= 65535:
         refuse(f"--port must be 0-65535 (0: any free port), not {args.port}")
     settings = Settings(
         checkpoint="", backend=args.backend, max_sentences=args.max_sentences, max_chars=args.max_chars,
         max_body_bytes=args.max_body_bytes, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-        max_queue=args.max_queue, batching=not args.no_batching,
+        max_queue=args.max_queue, batching=not args.no_batching, request_timeout_s=args.request_timeout_s,
+        max_connections=args.max_connections,
     )
     return settings, args
 
@@ -456,24 +671,34 @@ def main() -> None:
     settings, args = parse_args()
     try:
         checkpoint = resolve_model(args.checkpoint or find_best_checkpoint(), settings.backend)
+        sock = listen(args.host, args.port)  # before the slow part
         # Loaded here even with --workers: a bad checkpoint fails in one line, and the ONNX export is
         # built once, before the workers would each build it.
         predictor = ColaPredictor(checkpoint, backend=settings.backend)
     except START_UP_ERRORS as e:
         sys.exit(f"error: {e}")
     settings.checkpoint = str(checkpoint)
-    server = dict(host=args.host, port=args.port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    settings.max_connections, backlog = fit_open_files(settings.max_connections)  # the workers inherit the limit
+    GuardedH11Protocol.configure(settings)
+    server = dict(host=args.host, port=args.port, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, http=GuardedH11Protocol,
+                  backlog=backlog)
     if args.workers == 1:
         # After its graceful shutdown uvicorn raises the signal again: exit status 143 for a SIGTERM.
-        uvicorn.run(create_app(predictor, settings), **server)
+        server = uvicorn.Server(uvicorn.Config(create_app(predictor, settings), **server))
+        server.run(sockets=[sock])
+        if not server.started:
+            sys.exit("error: the server failed to start (its error is above)")
         return
     del predictor
     os.environ[SETTINGS_VARIABLE] = json.dumps(asdict(settings))
     os.environ[SUPERVISOR_VARIABLE] = str(os.getpid())  # not the workers' getppid(): it may be gone before they look
-    with tempfile.TemporaryDirectory(prefix="cola-serve-metrics-") as metrics_dir:
+    remove_stale_metrics_dirs()
+    with tempfile.TemporaryDirectory(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-") as metrics_dir:
         os.environ[MULTIPROCESS_DIR] = metrics_dir  # the workers import prometheus_client in multiprocess mode
+        # The protocol by import string, as the app: the class app_from_environment configures in each worker.
+        server["http"] = "serve:GuardedH11Protocol"
         config = uvicorn.Config("serve:app_from_environment", factory=True, workers=args.workers, **server)
-        supervisor = Supervisor(config, sockets=[config.bind_socket()])
+        supervisor = Supervisor(config, sockets=[sock])
         supervisor.run()
     if supervisor.stopped_by is None:
         sys.exit("error: a worker failed to start (its error is above)")

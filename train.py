@@ -6,6 +6,7 @@
     python train.py --ckpt_path logs/cola/version_0/checkpoints/last.ckpt   # resume that run
 """
 
+import inspect
 import json
 import logging
 import os
@@ -21,7 +22,8 @@ from typing import Any, NoReturn, Optional, Sequence
 
 try:  # torch and Lightning take seconds to import: a Ctrl-C meanwhile is one line, not a traceback
     import torch
-    from jsonargparse import Namespace
+    import yaml
+    from jsonargparse import Namespace, dict_to_namespace, get_loader, set_loader
     from pytorch_lightning import Callback, Trainer
     from pytorch_lightning.callbacks import LearningRateMonitor, Timer
     from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
@@ -37,7 +39,7 @@ try:  # torch and Lightning take seconds to import: a Ctrl-C meanwhile is one li
     from checkpoints import RUN_VERSION_ENV, CheckpointError, check_resumable, choose_run_folder, requeued_checkpoint
     from data import ColaDataModule, DataError, OptionError
     from hub import HubError
-    from model import ColaModel, NonFiniteLossError
+    from model import ColaModel, NonFiniteLossError, check_options
 except KeyboardInterrupt:
     print("\ninterrupted while starting: nothing to save", file=sys.stderr)
     sys.exit(130)
@@ -50,6 +52,44 @@ warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)`
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
 # Resuming mid-epoch, Lightning warns unless the DataLoader has state_dict(); ours resumes another way (data.py).
 warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+
+
+# YAML aliases let 9 lines stand for 43 million values (the "billion laughs"): such a --config took all memory
+# (MemoryError at 4 GB). A config or a search space holds hundreds of values.
+MAX_YAML_VALUES = 100_000
+
+
+def check_yaml_size(text: str) -> None:
+    """yaml.YAMLError for a document whose values, its aliases expanded, number over MAX_YAML_VALUES (or that
+    refers to itself): counted on the parsed node graph, where an alias is one shared node, before any expansion."""
+    sizes: dict[int, Optional[int]] = {}
+
+    def size(node: yaml.Node) -> int:
+        if id(node) not in sizes:
+            sizes[id(node)] = None  # in progress: met again below it, the document contains itself
+            children = node.value if isinstance(node, yaml.SequenceNode) else (
+                [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+            sizes[id(node)] = 1 + sum(size(child) for child in children)
+        if sizes[id(node)] is None:
+            raise yaml.YAMLError("a YAML alias refers to a value that contains it")
+        return sizes[id(node)]
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
+    if root is not None and size(root) > MAX_YAML_VALUES:
+        raise yaml.YAMLError(f"over {MAX_YAML_VALUES:,} values once its aliases are expanded: not a config")
+
+
+def load_yaml_bounded(text: str) -> Any:
+    """jsonargparse's YAML loader (--config files and option values), after check_yaml_size."""
+    check_yaml_size(text)
+    return JSONARGPARSE_YAML(text)
+
+
+JSONARGPARSE_YAML = get_loader("yaml")
+set_loader("yaml", load_yaml_bounded, exceptions=(yaml.YAMLError,))
 
 
 def say(message: str) -> None:
@@ -72,6 +112,15 @@ def check_trainer_options(config: Namespace) -> None:
         raise OptionError(
             f"--save_last_every_minutes must be 0 or more (0: after every step), or null (only after validation); not {minutes}"
         )
+
+
+def check_config(config: dict) -> None:
+    """The checks train.py makes before it loads anything (Trainer, model and data options), on a config as
+    --print_config writes it: tune.py runs them on every value of a search space before its study exists."""
+    check_trainer_options(dict_to_namespace(config))
+    model_options = inspect.signature(check_options).parameters
+    check_options(**{name: value for name, value in config["model"].items() if name in model_options})
+    ColaDataModule(**{name: value for name, value in config["data"].items() if not name.startswith("_")})
 
 
 class OneLineErrorParser(LightningArgumentParser):
@@ -171,13 +220,11 @@ class ColaCLI(LightningCLI):
         return trainer
 
 
-def report(trainer: Trainer, datamodule: ColaDataModule, timer: Timer) -> None:
+def report(trainer: Trainer, datamodule: ColaDataModule, timer: Timer, throughput: TrainingThroughput) -> None:
     """Print and save the outcome of a run: best val_mcc, where the checkpoints are, what to run next."""
     checkpoint = trainer.checkpoint_callback
     best_mcc = float(checkpoint.best_model_score)
-    train_seconds = timer.time_elapsed("train")
-    train_size = len(datamodule.splits["train"])  # all ranks together see it once per epoch
-    samples_per_epoch = min(train_size, trainer.num_training_batches * datamodule.hparams.batch_size * trainer.world_size)
+    train_seconds = timer.time_elapsed("train")  # by this process: a resumed run's earlier part is not in it
     summary = {
         "best_val_mcc": best_mcc,
         "best_model_path": checkpoint.best_model_path,
@@ -185,8 +232,9 @@ def report(trainer: Trainer, datamodule: ColaDataModule, timer: Timer) -> None:
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "train_seconds": train_seconds,
-        # Same definition as the Hugging Face Trainer's train_samples_per_second (validation time included).
-        "train_samples_per_second": trainer.current_epoch * samples_per_epoch / train_seconds,
+        # As the Hugging Face Trainer's train_samples_per_second (validation time included), of the samples this
+        # process trained, on every rank: a run stopped by --trainer.max_steps counts its steps, not whole epochs.
+        "train_samples_per_second": throughput.samples_trained * trainer.world_size / train_seconds,
         "last_epoch_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
     }
     run_dir = Path(trainer.logger.log_dir)
@@ -219,7 +267,7 @@ def export_for_inference(best_model_path: str) -> None:
 def main(args: Optional[list[str]] = None, callbacks: Sequence[Callback] = (), export: bool = True) -> None:
     """One training run with these command-line arguments (default: sys.argv), plus callbacks (tune.py reports
     each validation to its trial with one). tune.py exports only the best trial's checkpoint (export=False)."""
-    timer = Timer()
+    timer, throughput = Timer(), TrainingThroughput()
     cli = ColaCLI(
         ColaModel,
         ColaDataModule,
@@ -241,7 +289,7 @@ def main(args: Optional[list[str]] = None, callbacks: Sequence[Callback] = (), e
             },
             "callbacks": [
                 LearningRateMonitor(logging_interval="step"),
-                TrainingThroughput(),
+                throughput,
                 timer,
                 StopOnSignal(),
                 ResumeInRunFolder(),
@@ -267,7 +315,7 @@ def main(args: Optional[list[str]] = None, callbacks: Sequence[Callback] = (), e
             f" {trainer.global_step}, last checkpoint: {checkpoint.last_model_path or 'none saved'}"
         )
     if trainer.is_global_zero:
-        report(trainer, cli.datamodule, timer)
+        report(trainer, cli.datamodule, timer, throughput)
     if trainer.is_global_zero and export:
         export_for_inference(checkpoint.best_model_path)
         print(f'Next: python inference.py --checkpoint {checkpoint.best_model_path} "The boy is sitting on a bench."')

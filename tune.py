@@ -13,6 +13,8 @@ import argparse
 import contextlib
 import io
 import json
+import math
+import re
 import shlex
 import shutil
 import signal
@@ -20,18 +22,60 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TextIO
+from urllib.parse import unquote, unquote_plus
 
-import yaml
 
-import train  # first: it turns a Ctrl-C during the slow imports into one line
-from callbacks import AtomicCheckpointIO, StoppedBySignal
-from checkpoints import (
+def storage_passwords(argv: list[str]) -> set[str]:
+    """The passwords in --storage's URL, wherever a URL may hold one (user:PASSWORD@host, ?password=...), as typed
+    and percent-decoded: what no line tune.py prints may show."""
+    urls = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--storage"]
+    urls += [arg.removeprefix("--storage=") for arg in argv if arg.startswith("--storage=")]
+    found = set()
+    for url in urls:
+        rest = url.partition("://")[2]
+        for userinfo in (rest.partition("@")[0], rest.rpartition("@")[0]) if "@" in rest else ():
+            found.add(userinfo.partition(":")[2])  # a password with an '@' in it, typed as it is: both readings
+        found.update(re.findall(r"[?&]password=([^&]*)", url))
+    # Each piece too: a password with an unescaped '@' or '/' is read as part of the host or path, and named there.
+    pieces = {piece for password in found for piece in re.split(r"[@/?#:]", password)}
+    return {form for password in found | pieces for form in (password, unquote(password), unquote_plus(password)) if form}
+
+
+class MaskedOutput:
+    """A text stream that writes through `stream` with each secret replaced by ***: installed as sys.stdout and
+    sys.stderr, it masks every line the process prints (tune.py's, Lightning's and Optuna's, tracebacks too)."""
+
+    def __init__(self, stream: TextIO, secrets: set[str]) -> None:
+        self.stream, self.secrets = stream, sorted(secrets, key=len, reverse=True)
+
+    def write(self, text: str) -> int:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, encoding...
+        return getattr(self.stream, name)
+
+
+def mask_storage_passwords(argv: list[str]) -> None:
+    if secrets := storage_passwords(argv):
+        sys.stdout, sys.stderr = MaskedOutput(sys.stdout, secrets), MaskedOutput(sys.stderr, secrets)
+
+
+# Before the imports: Lightning's and Optuna's log handlers keep the sys.stderr they find when imported.
+mask_storage_passwords(sys.argv)
+
+import yaml  # noqa: E402
+
+import train  # noqa: E402  (first of the slow ones: it turns a Ctrl-C during the slow imports into one line)
+from callbacks import AtomicCheckpointIO, StoppedBySignal  # noqa: E402
+from checkpoints import (  # noqa: E402
     SWEEP_FILE, CheckpointError, best_checkpoint_of_run, claim_run_version, first_line, load_checkpoint, newest_checkpoint,
 )
-from data import ColaDataModule, DataError, OptionError
-from hub import HubError
-from model import ColaModel, NonFiniteLossError
+from data import ColaDataModule, DataError, OptionError  # noqa: E402
+from hub import HubError  # noqa: E402
+from model import ColaModel, NonFiniteLossError  # noqa: E402
 
 import optuna  # noqa: E402  (after train: see above)
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -46,6 +90,10 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 # Successive halving (ASHA): after epoch 1 a trial goes on only if its val MCC is in the top third of the trials
 # that got there, after epoch 3 again. Restarts cost ~2 epochs each instead of all of them (benchmarks/README.md).
 PRUNER = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+
+
+# Optuna stores every parameter value as a 64-bit float: integers beyond 2**53 would change on the way.
+MAX_EXACT_INT = 2**53
 
 
 class SweepError(Exception):
@@ -184,14 +232,19 @@ def read_space(path: Optional[str]) -> dict:
     if path is None:
         return {}
     try:
-        space = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
+        text = Path(path).read_text(encoding="utf-8")
+        train.check_yaml_size(text)
+        space = yaml.safe_load(text) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise SweepError(f"--search_space {path}: {first_line(e)}") from None
     if not isinstance(space, dict):
         raise SweepError(f"{path}: give a mapping of train.py options to choices, e.g. 'model.pooling: [cls, mean]'")
     for name, spec in space.items():
         if name in ("seed_everything", "ckpt_path"):
             raise SweepError(f"{path}: {name}: tune.py sets it for each trial (seed: trial number + 1)")
+        if isinstance(spec, list) and not all(v is None or isinstance(v, (str, int, float, bool)) for v in spec):
+            kind = next(type(v).__name__ for v in spec if not (v is None or isinstance(v, (str, int, float, bool))))
+            raise SweepError(f"{path}: {name}: a choice is a {kind}; choices are strings, numbers, true/false or null")
         valid_range = isinstance(spec, dict) and {"low", "high"} <= spec.keys() <= {"low", "high", "log"}
         if not (isinstance(spec, list) and spec) and not (
             valid_range and all(isinstance(spec[k], (int, float)) and not isinstance(spec[k], bool) for k in ("low", "high"))
@@ -202,6 +255,10 @@ def read_space(path: Optional[str]) -> dict:
             low, high, log = spec["low"], spec["high"], spec.get("log", False)
             if not isinstance(log, bool):
                 raise SweepError(f"{path}: {name}: log is true or false, not {log!r}")
+            for bound in (low, high):
+                if not math.isfinite(bound) or abs(bound) > MAX_EXACT_INT:
+                    raise SweepError(f"{path}: {name}: {bound} is not a number a trial can take: give finite bounds"
+                                     f" within +-{MAX_EXACT_INT:.0e} (Optuna stores values as 64-bit floats)")
             if not low <= high:  # NaN too
                 raise SweepError(f"{path}: {name}: low ({low}) is above high ({high}): swap them")
             if log and not low > 0:
@@ -210,32 +267,42 @@ def read_space(path: Optional[str]) -> dict:
 
 
 def check_train_args(args: list[str], space: dict, space_path: Optional[str]) -> dict:
-    """Parse the trials' options as train.py will (with --print_config: nothing loads or trains), before any
-    trial starts: a bad option is one line, and no trial or run folder is left behind. The trials' config."""
+    """Parse the trials' options as train.py will (with --print_config: nothing loads or trains) and check them as
+    train.py does before it loads anything (train.check_config), with every value of the search space in turn
+    (each choice; a range's low and high), before the study exists: a bad option or value is one line, and no
+    trial, study or run folder is left behind. The trials' config without the space's options."""
     first = {name: spec[0] if isinstance(spec, list) else spec["low"] for name, spec in space.items()}
-    settings = [f"--{name}={format_value(value)}" for name, value in first.items()]
+    variants: list[tuple[str, Any]] = [("", None)]  # the options alone, then each value of the space
+    for name, spec in space.items():
+        variants += [(name, value) for value in (spec if isinstance(spec, list) else [spec["low"], spec["high"]])]
     configs = []
-    for extra, source in (([], None), (settings, space_path)):
+    for name, value in variants:
+        settings = [f"--{n}={format_value(value if n == name else v)}" for n, v in first.items()] if name else []
+        where = f"{space_path}: {name}: {format_value(value)}: " if name else ""
         stdout, stderr = io.StringIO(), io.StringIO()
         try:
             with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-                train.main([*args, *extra, "--print_config"])
+                train.main([*args, *settings, "--print_config"])
         except SystemExit as e:
             if e.code:
-                message = stderr.getvalue().strip().splitlines()[-1].removeprefix("error: ")
-                raise SweepError(f"{source}: {message}" if source else message) from None
-        configs.append(yaml.safe_load(stdout.getvalue()))
+                raise SweepError(where + stderr.getvalue().strip().splitlines()[-1].removeprefix("error: ")) from None
+        config = yaml.safe_load(stdout.getvalue())
+        try:
+            train.check_config(config)
+        except (OptionError, DataError, HubError) as e:
+            raise SweepError(where + str(e)) from None
+        configs.append(config)
     return configs[0]
 
 
 def open_storage(url: str, heartbeat_seconds: int) -> RDBStorage:
     """Optuna's RDB storage with heartbeats: a trial whose worker died (no heartbeat for 2 intervals) is failed
     and retried, at most 3 times (a trial that kills its worker, out of memory say, is not retried forever)."""
-    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import IntegrityError
 
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    given = url  # as the user wrote it, for messages (its password masked: MaskedOutput)
     # postgresql:// means psycopg2 to SQLAlchemy; requirements.txt brings psycopg 3.
     url = url.replace("postgresql://", "postgresql+psycopg://", 1) if url.startswith("postgresql://") else url
     # SQLite: wait for another worker's write instead of failing with "database is locked".
@@ -250,8 +317,7 @@ def open_storage(url: str, heartbeat_seconds: int) -> RDBStorage:
             if (isinstance(e, IntegrityError) or "already exists" in str(e)) and attempt < 2:
                 time.sleep(1)  # workers started together on a new database: another one is creating the tables
                 continue
-            shown = make_url(url).render_as_string(hide_password=True) if "://" in url else url
-            raise SweepError(f"--storage {shown}: cannot open the study there: {first_line(e)}") from None
+            raise SweepError(f"--storage {given}: cannot open the study there: {first_line(e)}") from None
 
 
 def trial_line(trial: FrozenTrial) -> str:
@@ -422,6 +488,7 @@ def main() -> None:
 
 
 def run() -> None:
+    mask_storage_passwords(sys.argv)  # again: run() is also called with an argv of its own (tests)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial (stop_when_done), not Optuna's tracebacks
     try:
         main()

@@ -46,7 +46,7 @@ EOF
     $PYTHON -m pip download -q --no-deps --only-binary=:all: --python-version "$python_version" --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
         datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 jsonargparse==4.53.0 docstring_parser==0.18.0 \
-        typeshed_client==2.15.0 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.14.4 \
+        typeshed_client==2.15.0 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 h11==0.16.0 pydantic==2.14.4 \
         pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 fastapi-offline==1.7.7 \
         "transformers==$($PYTHON -c 'import transformers; print(transformers.__version__)')" || exit 1
     exit

@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 from urllib.parse import urlsplit
 
 import httpx
@@ -138,17 +138,19 @@ def free_port() -> int:
 
 
 def start_server(
-    checkpoint: Optional[str], options: list[str], log_path: Path, python: str = sys.executable, cwd: Optional[Path] = None
+    checkpoint: Optional[str], options: list[str], log_path: Path, python: str = sys.executable, cwd: Optional[Path] = None,
+    preexec: Optional[Callable[[], None]] = None,
 ) -> tuple[subprocess.Popen, str]:
     """`python serve.py --checkpoint checkpoint OPTIONS` (no --checkpoint for None: serve.py picks one in cwd's
     logs/cola) on a free loopback port, its output in log_path, once /health answers (also for the tests);
-    RuntimeError with the log's end if it does not start. python: the interpreter (the tests' lean venv's, say)."""
+    RuntimeError with the log's end if it does not start. python: the interpreter (the tests' lean venv's, say);
+    preexec: run in the child before serve.py (a resource limit, say)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [python, str(REPO / "serve.py"), *(["--checkpoint", checkpoint] if checkpoint else []), "--port", str(port), *options],
-            stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
+            stdout=log, stderr=subprocess.STDOUT, cwd=cwd, preexec_fn=preexec,
         )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:

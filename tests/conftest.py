@@ -3,8 +3,10 @@
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # Tests never touch the network: fail fast instead of trying the Hub.
@@ -136,3 +138,29 @@ def flip_bytes(path: Path, inside: bytes | None = None, at: int | None = None, c
         at += (len(inside) - count) // 2
     data[at : at + count] = bytes(b ^ 0xFF for b in data[at : at + count])
     path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def postgres_url(tmp_path) -> str:
+    """A private PostgreSQL server on a free loopback port (Debian's `postgresql` package), stopped at the end."""
+    binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not binaries:
+        if os.environ.get("CI") == "true":
+            pytest.fail("PostgreSQL is not installed: .ci/run installs Debian's postgresql package")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    bin_dir = binaries[-1].parent
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # root may not run the server
+    data = Path(tempfile.mkdtemp(prefix="pg-"))
+    if as_postgres:
+        shutil.chown(data, "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([*as_postgres, bin_dir / "initdb", "-D", data / "db", "-A", "trust", "-U", "postgres"], check=True, capture_output=True)
+    options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1"
+    subprocess.run([*as_postgres, bin_dir / "pg_ctl", "-D", data / "db", "-o", options, "-l", data / "log", "-w", "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_postgres, bin_dir / "pg_ctl", "-D", data / "db", "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)

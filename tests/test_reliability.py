@@ -175,14 +175,16 @@ def test_ctrl_c_saves_last_checkpoint_and_prints_how_to_resume(faults):
 
 
 def test_a_run_killed_while_saving_leaves_every_checkpoint_whole(faults):
-    assert "best-epoch=0" in faults.paused_in and faults.paused_in.endswith(".ckpt.partial")
-    # The best checkpoint being written exists only as the .partial file; last.ckpt is whole, from step 5
+    assert "best-epoch=0" in faults.paused_in and faults.paused_in.endswith(".tmp") and ".ckpt." in faults.paused_in
+    # The best checkpoint being written exists only as its temporary file; last.ckpt is whole, from step 5
     # (none is saved after an epoch's last step, where the epoch's validation has yet to run).
     assert faults.after_killed_save == {faults.paused_in.split("/")[-1]: None, "last.ckpt": 5}
 
 
 def test_interrupted_and_killed_run_finishes_like_an_undisturbed_one(faults, trained):
     assert faults.final.returncode == 0, faults.final.stderr[-3000:]
+    # The killed run's half-written checkpoint (test above) was removed by the resumed run's first save.
+    assert not list((faults.run_dir / "checkpoints").glob(".*.tmp"))
     workdir, _ = trained
     resumed, undisturbed = metrics(faults.run_dir), metrics(workdir / "logs/cola/version_0")
     assert (resumed["global_step"], resumed["epochs"]) == (undisturbed["global_step"], undisturbed["epochs"]) == (12, 2)
@@ -220,10 +222,10 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatc
         io_plugin.save_checkpoint({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
-    assert (tmp_path / "checkpoints" / "best.ckpt.partial").read_bytes() == b"half a checkpoint"
+    assert checkpoints.temporary_path(path).read_bytes() == b"half a checkpoint"
     io_plugin.save_checkpoint({"step": 3}, path)
     assert torch.load(path, weights_only=True) == {"step": 3}
-    assert sorted(p.name for p in path.parent.iterdir()) == ["best.ckpt"]  # the next save reuses the .partial
+    assert sorted(p.name for p in path.parent.iterdir()) == ["best.ckpt"]  # the next save reuses the temporary file
 
 
 def test_run_folders_are_claimed_atomically(tmp_path):
@@ -614,9 +616,10 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
     # The disk fills half-way through the third save of last.ckpt (it is saved after every step here), as
     # a real full disk does (checked by hand on a 1 MB tmpfs: the same line, the same files left).
     real_save, saves = torch.save, []
+    last_being_written = checkpoints.temporary_path(Path("last.ckpt")).name
 
     def save(obj, f, *args, **kwargs):
-        if str(getattr(f, "name", "")).endswith("last.ckpt.partial"):
+        if str(getattr(f, "name", "")).endswith(last_being_written):
             saves.append(obj["global_step"])
             if len(saves) == 3:
                 f.write(b"half a checkpoint")
@@ -626,14 +629,14 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
     monkeypatch.setattr(torch, "save", save)
     args = tiny_train_args(tiny_model_dir, tiny_data_dir) + ["--trainer.max_epochs", "2", "--save_last_every_minutes", "0"]
     result = train_in_process(tmp_path, args)
-    checkpoints = tmp_path / "logs/cola/version_0/checkpoints"
+    folder = tmp_path / "logs/cola/version_0/checkpoints"
     assert one_line_error(result) == (
-        f"error: {checkpoints.relative_to(tmp_path)}/last.ckpt: could not save the checkpoint (No space left on device);"
+        f"error: {folder.relative_to(tmp_path)}/last.ckpt: could not save the checkpoint (No space left on device);"
         " the previous last.ckpt is kept"
     )
     monkeypatch.undo()
-    assert global_step(checkpoints / "last.ckpt") == saves[1] and saves[1] < saves[2]
-    assert not list(checkpoints.glob("*.partial"))
+    assert global_step(folder / "last.ckpt") == saves[1] and saves[1] < saves[2]
+    assert not list(folder.glob(".*.tmp"))
 
 
 @pytest.mark.parametrize("blocked", ["file", "read-only"])

@@ -132,32 +132,6 @@ def test_pruned_trials_say_so_and_are_never_picked(sweep, tiny_model_dir, tiny_d
     assert table.count("| pruned |") == 2 and "5 trials, 2 pruned" in table
 
 
-@pytest.fixture
-def postgres_url(tmp_path) -> str:
-    """A private PostgreSQL server on a free loopback port (Debian's `postgresql` package), stopped at the end."""
-    binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if not binaries:
-        if os.environ.get("CI") == "true":
-            pytest.fail("PostgreSQL is not installed: .ci/run installs Debian's postgresql package")
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
-    bin_dir = binaries[-1].parent
-    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # root may not run the server
-    data = Path(tempfile.mkdtemp(prefix="pg-"))
-    if as_postgres:
-        shutil.chown(data, "postgres")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    subprocess.run([*as_postgres, bin_dir / "initdb", "-D", data / "db", "-A", "trust", "-U", "postgres"], check=True, capture_output=True)
-    options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1"
-    subprocess.run([*as_postgres, bin_dir / "pg_ctl", "-D", data / "db", "-o", options, "-l", data / "log", "-w", "start"], check=True, capture_output=True)
-    try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run([*as_postgres, bin_dir / "pg_ctl", "-D", data / "db", "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(data, ignore_errors=True)
-
-
 def test_two_workers_share_a_postgresql_study(postgres_url, tmp_path, tiny_model_dir, tiny_data_dir):
     two_workers(tmp_path, ["--storage", postgres_url, "--n_trials", "3", *tune_args(tiny_model_dir, tiny_data_dir)])
     check_every_trial_ran_once(tmp_path, postgres_url.replace("postgresql://", "postgresql+psycopg://"), 3)
