@@ -24,6 +24,7 @@ def test_run_writes_checkpoints_metrics_and_tensorboard(trained):
     run_dir = workdir / "logs" / "cola" / "version_0"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["epochs"] == 2 and metrics["global_step"] == 2 * 48 // 8
+    assert metrics["train_samples_per_second"] * metrics["train_seconds"] == pytest.approx(2 * 48)  # samples trained
     best = workdir / metrics["best_model_path"]
     assert best.parent == run_dir / "checkpoints" and best.name.startswith("best-")
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
@@ -219,3 +220,14 @@ def test_num_layers_keeps_the_first_layers_in_export_int8_serving_and_resume(tmp
     resumed = run_train(tmp_path, *args, "--trainer.max_epochs", "2", "--ckpt_path", last)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 2
+
+
+def test_samples_per_second_of_a_run_stopped_by_max_steps_counts_its_steps(tmp_path, tiny_model_dir, tiny_data_dir):
+    """3 steps of 8 sentences, stopped by --trainer.max_steps within the first epoch (6 steps): 24 samples. It
+    counted the whole epoch (48) as trained: 30 steps of 32 reported 165.7 samples/s where the run did 18.6."""
+    result = run_train(tmp_path, *tiny_train_args(tiny_model_dir, tiny_data_dir), "--trainer.max_steps", "3",
+                       "--trainer.val_check_interval", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "logs/cola/version_0/metrics.json").read_text())
+    assert metrics["global_step"] == 3
+    assert metrics["train_samples_per_second"] * metrics["train_seconds"] == pytest.approx(3 * 8)
