@@ -586,7 +586,10 @@ def app_from_environment() -> FastAPI:
 def listen(host: str, port: int) -> socket.socket:
     """The server's socket, bound before the model loads: a port in use is one line, at once (uvicorn bound it
     after loading, then logged the error among its start and stop lines, exit 3)."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY only on sockets that say so (Python 3.11's
+    # base_events._set_nodelay); with 0, Nagle's algorithm stayed on and answers waited for delayed ACKs: 0.3x
+    # the requests/s at 32 connections (benchmarks/README.md, "Hostile clients").
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
