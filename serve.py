@@ -274,15 +274,18 @@ class GuardedH11Protocol(H11Protocol):
     - a deadline for each request: from the moment a connection opens (or its previous answer has been sent)
       the client has request_timeout_s to send the whole request; then it gets 408 (or, having sent nothing,
       is closed). Trickled bytes do not extend it. Also while the client reads no answer (writing paused).
-    - at most max_connections open: beyond, a new connection is answered 503 with Retry-After and closed at
-      once, so open files stay below the process's limit (fit_open_files) and accept() never fails.
+    - at most max_connections open, so that open files stay below the process's limit (fit_open_files) and
+      accept() never fails. Beyond, the connection that has waited longest for its client is closed to make
+      room (as nginx closes idle keep-alive connections when it runs out): one client holding idle or slow
+      connections cannot shut others out. Only when every connection has a request the app works on is the
+      new one answered 503 with Retry-After and closed.
 
     uvicorn's own timeout_keep_alive starts only after an answer and any byte cancels it; its limit_concurrency
-    answers 503 only to a complete request. Refusals and timeouts are logged as counts, every LOG_EVERY_S."""
+    answers 503 only to a complete request. Refusals and closings are logged as counts, every LOG_EVERY_S."""
 
     max_connections = Settings.max_connections
     request_timeout_s = Settings.request_timeout_s
-    counts = {"refused": 0, "timed_out": 0}
+    counts = {"refused": 0, "timed_out": 0, "made_room": 0}
     last_logged = 0.0
     log_pending = False
 
@@ -290,12 +293,16 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_made(transport)
         self.deadline: Optional[asyncio.TimerHandle] = None
         if len(self.connections) > self.max_connections:
-            self.count("refused")
-            detail = json.dumps({"detail": f"over {self.max_connections} connections are open: retry in a second"})
-            transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
-                            b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(detail), detail.encode()))
-            transport.close()
-            return
+            waiting = [c for c in self.connections if getattr(c, "deadline", None) is not None]
+            if waiting:  # the longest waiting (the earliest deadline) makes room
+                min(waiting, key=lambda c: c.deadline.when()).timed_out(made_room=True)
+            else:
+                self.count("refused")
+                detail = json.dumps({"detail": f"{self.max_connections} requests are being answered: retry in a second"})
+                transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+                                b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(detail), detail.encode()))
+                transport.close()
+                return
         self.update_deadline()
 
     def data_received(self, data: bytes) -> None:
@@ -330,18 +337,20 @@ class GuardedH11Protocol(H11Protocol):
             self.deadline.cancel()
             self.deadline = None
 
-    def timed_out(self) -> None:
-        self.deadline = None
+    def timed_out(self, made_room: bool = False) -> None:
+        """At the deadline, or to make room for a new connection: 408 if a request had begun, then closed."""
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
         if self.transport.is_closing():
             return
+        self.count("made_room" if made_room else "timed_out")
         started = self.conn.their_state is h11.SEND_BODY or bool(self.conn.trailing_data[0])
         if started and (self.cycle is None or self.cycle.response_complete or not self.cycle.response_started):
-            self.count("timed_out")
-            detail = f'{{"detail": "the request took over {self.request_timeout_s:g} s to arrive: send it at once"}}'
+            why = "the server needed its connection" if made_room else f"it took over {self.request_timeout_s:g} s to arrive"
+            detail = json.dumps({"detail": f"request not read: {why}; send it at once"}).encode()
             self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(detail), detail.encode()))
-        elif self.cycle is None or self.cycle.response_complete:
-            self.count("timed_out")  # idle: nothing sent, or nothing since its last answer
+                                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(detail), detail))
         self.transport.close()
 
     @classmethod
@@ -354,12 +363,12 @@ class GuardedH11Protocol(H11Protocol):
 
     @classmethod
     def log_counts(cls) -> None:
-        refused, timed_out = cls.counts["refused"], cls.counts["timed_out"]
-        cls.counts = {"refused": 0, "timed_out": 0}
+        counts, cls.counts = cls.counts, {"refused": 0, "timed_out": 0, "made_room": 0}
         cls.last_logged, cls.log_pending = time.monotonic(), False
         logging.getLogger("uvicorn.error").warning(
-            f"closed {timed_out} connection(s) that sent no whole request within {cls.request_timeout_s:g} s, refused"
-            f" {refused} beyond {cls.max_connections} open (--request_timeout_s, --max_connections)")
+            f"closed {counts['timed_out']} connection(s) that sent no whole request within {cls.request_timeout_s:g} s"
+            f" (--request_timeout_s) and {counts['made_room']} waiting ones to make room for new ones; refused"
+            f" {counts['refused']} with all {cls.max_connections} busy (--max_connections)")
 
     @classmethod
     def configure(cls, settings: Settings) -> None:

@@ -139,22 +139,46 @@ def test_idle_sockets_beyond_the_open_files_limit_leave_the_server_answering_eve
     assert "note: the open-files limit (256, ulimit -n) fits" in output
 
 
-def test_a_connection_beyond_max_connections_gets_503_with_retry_after_and_is_closed(server):
-    """Found: no bound on open connections (one client held 19,500). Fixed: --max_connections (1,024 by default,
-    per worker): one more is answered 503 with Retry-After and closed at once, the others served."""
+def test_beyond_max_connections_the_longest_waiting_one_makes_room(server):
+    """Found: no bound on open connections (one client held 19,500), and with a bound alone, 720 idle sockets (the
+    1,024 open files' share) shut everyone else out for the deadline's 10 s. Fixed: at --max_connections, a new
+    connection closes the one that has waited longest for its client's request, as nginx closes idle keep-alive
+    connections when it runs out: the newcomer is served."""
     time.sleep(DEADLINE_S + 0.5)  # earlier cases' connections are gone
     held = [connect(server.port) for _ in range(40)]
     try:
         time.sleep(0.3)
-        with connect(server.port) as extra:
-            answer, closed = read_until_closed(extra, 5)
-        assert closed and answer.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in answer.lower(), answer
-        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["detail"].startswith("over 40 connections are open")
+        still_answers(server.url)
+        assert read_until_closed(held[0], 2)[1]  # the oldest made room
+        assert not select.select(held[1:], [], [], 0.2)[0]  # the others wait for their deadline, untouched
     finally:
         for sock in held:
             sock.close()
-    time.sleep(0.3)
-    still_answers(server.url)
+
+
+def test_a_connection_beyond_max_connections_all_busy_gets_503_with_retry_after(best_checkpoint, tmp_path):
+    """With every connection's request in the app (held 3 s by --max_wait_ms), a new one is answered 503 with
+    Retry-After and closed at once; the requests in flight are answered."""
+    busy = start_server(best_checkpoint, tmp_path / "serve.log", "--max_connections", "4", "--max_wait_ms", "3000",
+                        "--max_batch_size", "64")
+    try:
+        body = json.dumps({"sentences": SENTENCES}).encode()
+        request = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                   % (len(body), body))
+        in_flight = [connect(busy.port) for _ in range(4)]
+        for sock in in_flight:
+            sock.sendall(request)
+        time.sleep(0.5)
+        with connect(busy.port) as extra:
+            answer, closed = read_until_closed(extra, 5)
+        assert closed and answer.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in answer.lower(), answer
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["detail"].startswith("4 requests are being answered")
+        for sock in in_flight:
+            assert read_until_closed(sock, 10)[0].startswith(b"HTTP/1.1 200 ")
+            sock.close()
+    finally:
+        busy.process.terminate()
+        busy.process.wait(timeout=30)
 
 
 def test_a_connection_that_sends_nothing_is_closed_at_the_deadline(server):
