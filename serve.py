@@ -106,9 +106,9 @@ class Settings:
     # its previous answer is sent (nginx's client_header_timeout and client_body_timeout, as one deadline that
     # trickled bytes do not extend). 10 s: a 256 KiB body at 26 KB/s.
     request_timeout_s: float = 10.0
-    # Connections open at once, per worker; beyond, a new one is answered 503 and closed. Each idle one costs
-    # a file descriptor and ~10 KB; with the 1,024 open-files limit common on Linux, ~1,000 idle sockets used
-    # to stop the server answering anyone (benchmarks/README.md, "Hostile clients").
+    # Connections open at once, per worker; beyond, the longest waiting for its client makes room (503 only when
+    # all are busy). Each costs a file descriptor and ~10 KB; with the 1,024 open-files limit common on Linux,
+    # 1,100 idle sockets stopped the server answering anyone (benchmarks/README.md, "Hostile clients").
     max_connections: int = 1024
 
 
@@ -430,9 +430,8 @@ class ErrorDetail(BaseModel):
 PREDICT_ERRORS = {
     status: {"model": ErrorDetail, "description": description} for status, description in (
         (400, "the body is not JSON"), (408, "the request took over --request_timeout_s to arrive"),
-        (431, "request headers over 16 KiB"),
         (413, "too many sentences, too long a sentence, or too large a body"), (422, "not {\"sentences\": [strings]}"),
-        (503, "overloaded: retry (Retry-After)"),
+        (431, "request headers over 16 KiB"), (503, "overloaded: retry (Retry-After)"),
     )
 }
 

@@ -251,3 +251,18 @@ def test_a_mounted_model_is_served_and_sigterm_finishes_the_request_in_flight(im
         assert responses and responses[0].status_code == 200 and responses[0].json() == expected
     finally:
         podman(image, "rm", "-f", container)
+
+
+def test_sigint_to_the_containers_pid_1_stops_it_at_once_with_130(image):
+    """Ctrl-C on `docker run -it`: SIGINT to PID 1, which the kernel drops for a process without a handler (a
+    container that would not stop). Held: uvicorn handles it; the container exits with 130 (or 0) within seconds.
+    One of tests/test_adversarial.py's surfaces (the container), here beside the image's fixture."""
+    name, _ = image
+    container, _ = run_container(image, name)
+    try:
+        started = time.monotonic()
+        assert podman(image, "kill", "--signal", "INT", container).returncode == 0
+        status = podman(image, "wait", container).stdout.strip()
+        assert status in ("0", str(128 + signal.SIGINT)) and time.monotonic() - started < 10, status
+    finally:
+        podman(image, "rm", "-f", container)
