@@ -255,12 +255,12 @@ def read_space(path: Optional[str]) -> dict:
             low, high, log = spec["low"], spec["high"], spec.get("log", False)
             if not isinstance(log, bool):
                 raise SweepError(f"{path}: {name}: log is true or false, not {log!r}")
+            if not low <= high:  # NaN too
+                raise SweepError(f"{path}: {name}: low ({low}) is above high ({high}): swap them")
             for bound in (low, high):
                 if not math.isfinite(bound) or abs(bound) > MAX_EXACT_INT:
                     raise SweepError(f"{path}: {name}: {bound} is not a number a trial can take: give finite bounds"
                                      f" within +-{MAX_EXACT_INT:.0e} (Optuna stores values as 64-bit floats)")
-            if not low <= high:  # NaN too
-                raise SweepError(f"{path}: {name}: low ({low}) is above high ({high}): swap them")
             if log and not low > 0:
                 raise SweepError(f"{path}: {name}: log: true needs a low above 0, not {low}")
     return space
