@@ -4,12 +4,10 @@ the best trial served, bad input. Each trial trains 2 epochs of 6 steps."""
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
