@@ -40,7 +40,8 @@ def remove_dead_writers_files(folder: Path) -> None:
     for leftover in folder.glob(f".*.{glob.escape(socket.gethostname())}.*.tmp"):
         pid = leftover.name.removesuffix(".tmp").rpartition(".")[2]
         if pid.isdigit() and process_gone(int(pid)):
-            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only folder: the write itself then says what is wrong
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
 
 
 def process_gone(pid: int) -> bool:

@@ -298,10 +298,8 @@ class GuardedH11Protocol(H11Protocol):
                 min(waiting, key=lambda c: c.deadline.when()).timed_out(made_room=True)
             else:
                 self.count("refused")
-                detail = json.dumps({"detail": f"{self.max_connections} requests are being answered: retry in a second"})
-                transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
-                                b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(detail), detail.encode()))
-                transport.close()
+                self.answer_and_close(b"503 Service Unavailable", f"{self.max_connections} requests are being answered:"
+                                      " retry in a second", b"retry-after: 1\r\n")
                 return
         self.update_deadline()
 
@@ -348,9 +346,14 @@ class GuardedH11Protocol(H11Protocol):
         started = self.conn.their_state is h11.SEND_BODY or bool(self.conn.trailing_data[0])
         if started and (self.cycle is None or self.cycle.response_complete or not self.cycle.response_started):
             why = "the server needed its connection" if made_room else f"it took over {self.request_timeout_s:g} s to arrive"
-            detail = json.dumps({"detail": f"request not read: {why}; send it at once"}).encode()
-            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(detail), detail))
+            return self.answer_and_close(b"408 Request Timeout", f"request not read: {why}; send it at once")
+        self.transport.close()
+
+    def answer_and_close(self, status: bytes, detail: str, headers: bytes = b"") -> None:
+        """A JSON {"detail"} answer written as it is (no request of this connection is in h11's hands), then closed."""
+        body = json.dumps({"detail": detail}).encode()
+        self.transport.write(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\n%sconnection: close\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (status, headers, len(body), body))
         self.transport.close()
 
     @classmethod

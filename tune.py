@@ -242,8 +242,9 @@ def read_space(path: Optional[str]) -> dict:
     for name, spec in space.items():
         if name in ("seed_everything", "ckpt_path"):
             raise SweepError(f"{path}: {name}: tune.py sets it for each trial (seed: trial number + 1)")
-        if isinstance(spec, list) and not all(v is None or isinstance(v, (str, int, float, bool)) for v in spec):
-            kind = next(type(v).__name__ for v in spec if not (v is None or isinstance(v, (str, int, float, bool))))
+        not_scalar = [v for v in spec if not (v is None or isinstance(v, (str, int, float, bool)))] if isinstance(spec, list) else []
+        if not_scalar:
+            kind = type(not_scalar[0]).__name__
             raise SweepError(f"{path}: {name}: a choice is a {kind}; choices are strings, numbers, true/false or null")
         valid_range = isinstance(spec, dict) and {"low", "high"} <= spec.keys() <= {"low", "high", "log"}
         if not (isinstance(spec, list) and spec) and not (
