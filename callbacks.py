@@ -153,26 +153,30 @@ class TrainingThroughput(Callback):
 
 
 class SanityChecks(Callback):
-    """Logs, before the run gets far, the facts that explain most failed CoLA runs: the class balance
-    (about 70% acceptable), a loss at initialisation far from ln 2, and a val_mcc still 0 after warmup."""
+    """Logs, before the run gets far, the facts that explain most failed runs: the class balance (CoLA: about 70%
+    acceptable), a loss at initialisation far from ln(number of labels), and a val_mcc still 0 after warmup."""
 
     def on_train_start(self, trainer: Trainer, model: LightningModule) -> None:
+        names = model.label_names
         for split, dataset in trainer.datamodule.splits.items():
-            labels = dataset["labels"]
-            fraction = sum(labels) / max(len(labels), 1)
-            rank_zero_info(f"{split}: {len(labels)} sentences, {fraction:.1%} acceptable")
+            counts = torch.bincount(torch.tensor(dataset["labels"]), minlength=len(names)).tolist()
+            shares = {name: count / max(len(dataset), 1) for name, count in zip(names, counts)}
+            if len(names) == 2:  # CoLA: "70.4% acceptable", the share of label 1
+                shares = dict([list(shares.items())[1]])
+            examples = "sentences" if len(trainer.datamodule.text_columns) == 1 else "pairs"
+            rank_zero_info(f"{split}: {len(dataset)} {examples}, " + ", ".join(f"{s:.1%} {name}" for name, s in shares.items()))
             if trainer.logger:
-                trainer.logger.log_metrics({f"data/{split}_acceptable_fraction": fraction}, step=0)
+                trainer.logger.log_metrics({f"data/{split}_{name}_fraction": s for name, s in shares.items()}, step=0)
 
     def on_train_batch_end(self, trainer: Trainer, model: LightningModule, outputs: Any, *_: Any) -> None:
         if trainer.global_step != 1:  # the first step's loss was computed before any update: the loss at init
             return
-        loss = float(outputs["loss"])
-        rank_zero_info(f"loss at initialisation {loss:.3f} (ln 2 = {math.log(2):.3f} for a fresh two-class head)")
-        if abs(loss - math.log(2)) > 0.25:
+        loss, n = float(outputs["loss"]), len(model.label_names)
+        rank_zero_info(f"loss at initialisation {loss:.3f} (ln {n} = {math.log(n):.3f} for a fresh {n}-class head)")
+        if abs(loss - math.log(n)) > 0.25:
             rank_zero_warn(
-                f"loss at initialisation is {loss:.3f}, far from ln 2 = 0.693: the classifier head is not fresh"
-                " (a fine-tuned model as --model.model_name_or_path?) or the labels are not 0/1"
+                f"loss at initialisation is {loss:.3f}, far from ln {n} = {math.log(n):.3f}: the classifier head is not fresh"
+                " (a fine-tuned model as --model.model_name_or_path?) or the labels are not 0..n-1"
             )
 
     def on_validation_end(self, trainer: Trainer, model: LightningModule) -> None:

@@ -1,9 +1,14 @@
-"""CoLA as a LightningDataModule: the Hugging Face Hub by default, or local GLUE-layout TSV files."""
+"""Text classification data as a LightningDataModule: a GLUE task from the Hugging Face Hub (CoLA by
+default), GLUE's own TSV files, or a user's TSV, CSV or JSON Lines files with named columns."""
 
+import csv
 import hashlib
+import io
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Literal, Optional
 
 import datasets
 import torch
@@ -12,11 +17,46 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import AutoConfig, AutoTokenizer, DataCollatorWithPadding
 from transformers.data.data_collator import pad_without_fast_tokenizer_warning
 
-from hub import explain_hub_errors, load_glue_cola
+from hub import explain_hub_errors, load_glue
 
 SPLIT_FILES = {"train": "train.tsv", "validation": "dev.tsv"}  # GLUE names the validation file dev.tsv
-LABEL_NAMES = ("unacceptable", "acceptable")  # CoLA's label 0 and 1
 MODEL_INPUTS = ["input_ids", "token_type_ids", "attention_mask", "labels"]
+METRICS = ("mcc", "accuracy", "f1")  # validation metrics logged for every task (val_mcc, val_accuracy, val_f1)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A GLUE task, as the Hub's nyu-mll/glue has it and as GLUE's own TSV files do."""
+
+    text_columns: tuple[str, ...]  # one sentence, or a pair, on the Hub
+    label_names: tuple[str, ...]  # label 0, 1, ...: the Hub's ClassLabel names
+    metric: str  # the one GLUE reports (with accuracy for MRPC and QQP): it picks the best checkpoint
+    submission: str  # the file GLUE's server expects the test set's predictions in
+    tsv_text_columns: tuple[str, ...] = ()  # GLUE's TSV header, where it names them otherwise
+    tsv_label_column: str = "label"
+    validation: str = "validation"  # Hub splits
+    test: str = "test"
+    submit_label_names: bool = False  # GLUE's server reads these tasks' labels as words, the others' as numbers
+
+
+# The one place that knows GLUE's tasks (as the Lightning tutorial's table). STS-B, a regression, is left out.
+GLUE_TASKS = {
+    "cola": Task(("sentence",), ("unacceptable", "acceptable"), "mcc", "CoLA.tsv"),
+    "sst2": Task(("sentence",), ("negative", "positive"), "accuracy", "SST-2.tsv"),
+    "mrpc": Task(("sentence1", "sentence2"), ("not_equivalent", "equivalent"), "f1", "MRPC.tsv",
+                 tsv_text_columns=("#1 String", "#2 String"), tsv_label_column="Quality"),
+    "qqp": Task(("question1", "question2"), ("not_duplicate", "duplicate"), "f1", "QQP.tsv", tsv_label_column="is_duplicate"),
+    "qnli": Task(("question", "sentence"), ("entailment", "not_entailment"), "accuracy", "QNLI.tsv", submit_label_names=True),
+    "rte": Task(("sentence1", "sentence2"), ("entailment", "not_entailment"), "accuracy", "RTE.tsv", submit_label_names=True),
+    "wnli": Task(("sentence1", "sentence2"), ("not_entailment", "entailment"), "accuracy", "WNLI.tsv"),
+    "mnli": Task(("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), "accuracy", "MNLI-m.tsv",
+                 tsv_text_columns=("sentence1", "sentence2"), tsv_label_column="gold_label",
+                 validation="validation_matched", test="test_matched", submit_label_names=True),
+}
+LABEL_NAMES = GLUE_TASKS["cola"].label_names
+# A user's own files: train.* and dev.* (or validation.*; MNLI's dev_matched.tsv) in one of these formats.
+FILE_STEMS = {"train": ("train",), "validation": ("dev", "validation", "dev_matched")}
+FORMATS = ("tsv", "csv", "jsonl")
 
 
 class DataError(ValueError):
@@ -25,6 +65,11 @@ class DataError(ValueError):
 
 class OptionError(ValueError):
     """An option value that cannot work, reported as one line naming the option and what it accepts."""
+
+
+def default_metric(task: str) -> str:
+    """The metric that picks a task's best checkpoint: GLUE's for its tasks, accuracy for a user's own."""
+    return GLUE_TASKS[task].metric if task in GLUE_TASKS else "accuracy"
 
 
 def read_glue_tsv(path: Path) -> Iterator[dict]:
@@ -95,6 +140,126 @@ def load_local_cola(data_dir: Path, split: str) -> datasets.Dataset:
         if isinstance(e.__cause__, DataError):
             raise e.__cause__ from None
         raise
+
+
+def read_table(path: Path, text_columns: list[tuple[str, ...]], label_columns: list[str], names: tuple[str, ...]) -> Iterator[dict]:
+    """Yield {name: text, ..., "label": str, "line": n} rows of a TSV, CSV or JSON Lines file with a header (JSON Lines:
+    an object a line), its columns chosen by name: the first of text_columns (and of label_columns) that the file
+    has, its texts named names in the rows. TSV is read as GLUE writes it, without quoting (sentences hold quote
+    characters); CSV with quoting, as spreadsheets write it. A bad line raises DataError naming the file and line."""
+    kind = path.suffix[1:]
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    rows, line_no, columns = 0, 1, None
+    with f:
+        try:
+            if kind == "csv":
+                reader = csv.reader(io.TextIOWrapper(f, encoding="utf-8-sig", newline=""))
+                lines = ((reader.line_num, fields) for fields in reader)
+            else:  # lines end at \n alone: GLUE's SST-2 has a \r before some tabs
+                lines = ((n, text_line(raw, n, path)) for n, raw in enumerate(f, start=1))
+                if kind == "tsv":
+                    lines = ((n, line.split("\t")) for n, line in lines)
+            if kind == "jsonl":
+                records = ((n, json_object(line, f"{path}:{n}")) for n, line in lines if line.strip())
+            else:
+                _, header = next(lines, (1, []))
+                records = ((n, dict(zip(header, fields)) if len(fields) == len(header) else len(fields))
+                           for n, fields in lines if any(field.strip() for field in fields))
+            for line_no, record in records:
+                where = f"{path}:{line_no}"
+                if isinstance(record, int):
+                    raise DataError(f"{where}: {record} fields, but the header (line 1) names {len(header)}")
+                if columns is None:  # chosen from the header (or the first JSON object)
+                    have = list(header) if kind != "jsonl" else list(record)
+                    text = next((c for c in text_columns if set(c) <= set(have)), None)
+                    label = next((c for c in label_columns if c in have), None)
+                    if text is None or label is None:
+                        wanted = [*text_columns[0], label_columns[0]]
+                        missing = ", ".join(repr(c) for c in wanted if c not in have)
+                        raise DataError(f"{path}:{1 if kind != 'jsonl' else line_no}: no column {missing} (it has {', '.join(map(repr, have))}):"
+                                        " name yours with --data.text_columns [TEXT] or [TEXT1,TEXT2] and --data.label_column LABEL")
+                    columns = dict(zip(names, text))
+                row = {"line": line_no}
+                for name, column in [*columns.items(), ("label", label)]:
+                    value = record.get(column)
+                    if isinstance(value, (int, float, bool)) and name == "label":
+                        value = json.dumps(value)  # JSON Lines labels may be numbers: 1 and "1" are one label
+                    if not isinstance(value, str):
+                        raise DataError(f"{where}: column {column!r} is {'missing' if value is None else 'not text'}")
+                    if not value.strip():
+                        raise DataError(f"{where}: empty {column!r}")
+                    row[name] = value
+                rows += 1
+                yield row
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{line_no + 1}: not valid UTF-8 ({e.reason})") from None
+        except csv.Error as e:
+            raise DataError(f"{path}:{line_no + 1}: {e}") from None
+    if rows == 0:
+        raise DataError(f"{path}: no examples (a header line, then one example a line)")
+
+
+def text_line(raw: bytes, line_no: int, path: Path) -> str:
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff" if line_no == 1 else "").removesuffix("\n").removesuffix("\r")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def json_object(line: str, where: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: not a JSON object ({{\"sentence\": ..., \"label\": ...}} a line)")
+    return record
+
+
+def load_local_table(path: Path, text_columns: list[tuple[str, ...]], label_columns: list[str], names: tuple[str, ...]) -> datasets.Dataset:
+    """read_table's rows as an Arrow dataset, cached by the file's content and the columns chosen."""
+    choice = hashlib.sha256(json.dumps([text_columns, label_columns, names]).encode()).hexdigest()[:16]
+    try:
+        return datasets.Dataset.from_generator(
+            read_table,
+            # Tuples: datasets would take lists in gen_kwargs as shards to split the work over.
+            gen_kwargs={"path": path, "text_columns": tuple(text_columns), "label_columns": tuple(label_columns), "names": names},
+            features=datasets.Features({**{n: datasets.Value("string") for n in names}, "label": datasets.Value("string"),
+                                        "line": datasets.Value("int64")}),
+            fingerprint=f"table-{_file_digest(path)}-{choice}",
+        )
+    except datasets.exceptions.DatasetGenerationError as e:
+        if isinstance(e.__cause__, DataError):
+            raise e.__cause__ from None
+        raise
+
+
+def find_split_file(data_dir: Path, split: str) -> Path:
+    """data_dir's file for split: train.tsv (or .csv, .jsonl) for "train", dev.tsv (or validation.*) for "validation"."""
+    candidates = [data_dir / f"{stem}.{kind}" for stem in FILE_STEMS[split] for kind in FORMATS]
+    try:
+        found = [path for path in candidates if path.is_file()]
+    except OSError as e:  # a folder that may not be listed: is_file() raises rather than say False
+        raise DataError(f"{candidates[0]}: cannot read ({e.strerror}): check the permissions of --data.data_dir") from None
+    if not found:
+        raise DataError(f"{candidates[0]}: file not found (data_dir must hold {SPLIT_FILES['train']} and {SPLIT_FILES['validation']},"
+                        " or train and dev files in CSV or JSON Lines: train.csv, dev.jsonl...)")
+    if len(found) > 1:
+        raise DataError(f"{data_dir}: both {found[0].name} and {found[1].name}: keep one {split} file there")
+    return found[0]
+
+
+def is_headerless_cola(path: Path) -> bool:
+    """Whether path starts like GLUE's CoLA files (source, label 0/1, star, sentence; no header)."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline().split(b"\t")
+    except OSError:
+        return True  # the CoLA reader says why, as before
+    return path.suffix == ".tsv" and len(first) == 4 and first[1] in (b"0", b"1")
 
 
 class ShuffleSampler(Sampler[int]):
@@ -193,26 +358,41 @@ class PadToBucket(DataCollatorWithPadding):
         )
 
 
-class ColaDataModule(pl.LightningDataModule):
-    """Tokenized CoLA batches with per-batch dynamic padding.
+class TextDataModule(pl.LightningDataModule):
+    """Tokenized batches of a text classification task (single sentences or pairs), with per-batch dynamic padding.
 
     Args:
         model_name_or_path: whose tokenizer to use (set from --model.model_name_or_path by train.py).
-        data_dir: a folder with GLUE-layout train.tsv and dev.tsv; None loads CoLA from the Hub.
-        batch_size: sentences per batch (per device under DDP).
-        max_length: longer sentences are truncated to this many tokens (CoLA's longest is ~45).
+        task: a GLUE task (cola, sst2, mrpc, qqp, qnli, rte, wnli, mnli: GLUE_TASKS), loaded from the Hub unless
+            data_dir is given; or a name of your own for your own files in data_dir (it names the run's folder
+            under logs/).
+        data_dir: a folder with train and dev files: GLUE's TSV files (CoLA's without a header, as GLUE has them),
+            or TSV, CSV or JSON Lines files with a header (train.csv and dev.csv, say); None loads the task from the Hub.
+        text_columns: the column of the text, or the two of a pair, in data_dir's files (None: the task's;
+            ["sentence"] for your own task).
+        label_column: the column of the labels (None: the task's; "label" for your own task): words or numbers,
+            two or more distinct values; the model's labels are named by them.
+        metric: the validation metric that picks the best checkpoint and stops training early: mcc, accuracy
+            or f1 (macro-averaged for more than two labels); None: the task's (GLUE's: MCC for CoLA, F1 for MRPC
+            and QQP, else accuracy; accuracy for your own task).
+        batch_size: examples per batch (per device under DDP).
+        max_length: longer examples are truncated to this many tokens (CoLA's longest is ~45).
         num_workers: DataLoader worker processes; None: 2 with a GPU (batches collated while the GPU
             computes), 0 without (on a small CPU, workers would compete with the model for cores).
-        group_by_length: training batches of similar-length sentences (LengthGroupedSampler) instead
+        group_by_length: training batches of similar-length examples (LengthGroupedSampler) instead
             of uniformly random ones: less padding, faster steps.
         pad_to_buckets: pad batches to 16, 32, 64 or max_length tokens (PadToBucket) instead of to their longest
-            sentence; set by train.py from --model.compile.
+            example; set by train.py from --model.compile.
     """
 
     def __init__(
         self,
         model_name_or_path: str = "google-bert/bert-base-uncased",
+        task: str = "cola",
         data_dir: Optional[str] = None,
+        text_columns: Optional[list[str]] = None,
+        label_column: Optional[str] = None,
+        metric: Optional[Literal["mcc", "accuracy", "f1"]] = None,
         batch_size: int = 32,
         max_length: int = 128,
         num_workers: Optional[int] = None,
@@ -220,6 +400,19 @@ class ColaDataModule(pl.LightningDataModule):
         pad_to_buckets: bool = False,
     ) -> None:
         super().__init__()
+        if task not in GLUE_TASKS and not data_dir:
+            raise OptionError(f"--data.task {task!r} is not a GLUE task ({', '.join(GLUE_TASKS)}); for a task of your own,"
+                              " give its files with --data.data_dir")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", task):  # it names a folder
+            raise OptionError(f"--data.task must be a name of letters, digits and _ . - (it names the run folder), not {task!r}")
+        if text_columns is not None and (len(text_columns) not in (1, 2) or len(set(text_columns)) != len(text_columns)):
+            raise OptionError(f"--data.text_columns names one column (single texts) or two (pairs), e.g. [sentence] or"
+                              f" [question1,question2]; not {text_columns}")
+        if (text_columns or label_column) and not data_dir:
+            raise OptionError("--data.text_columns and --data.label_column choose columns of your files (--data.data_dir);"
+                              " a GLUE task from the Hub has its own")
+        if metric is not None and metric not in METRICS:
+            raise OptionError(f"--data.metric must be one of {', '.join(METRICS)}, or null for the task's; not {metric!r}")
         if batch_size < 1:
             raise OptionError(f"--data.batch_size must be at least 1, not {batch_size}")
         if max_length < 3:  # [CLS], one token, [SEP]
@@ -227,13 +420,71 @@ class ColaDataModule(pl.LightningDataModule):
         if num_workers is not None and num_workers < 0:
             raise OptionError(f"--data.num_workers must be 0 or more (0: load batches in the training process), not {num_workers}")
         self.save_hyperparameters()
+        glue = GLUE_TASKS.get(task)
+        # The texts' names in the dataset: the Hub's for a GLUE task (its TSV files' columns are renamed to them).
+        self.text_columns: list[str] = list(text_columns or (glue.text_columns if glue else ("sentence",)))
         self.tokenizer = None
         self.splits: dict[str, datasets.Dataset] = {}
+        self._label_names: Optional[list[str]] = None
 
-    def _load_split(self, split: str) -> datasets.Dataset:
-        if self.hparams.data_dir:
-            return load_local_cola(Path(self.hparams.data_dir), split)
-        return load_glue_cola(split)
+    @property
+    def label_names(self) -> list[str]:
+        """The labels' names, label 0 first: the Hub's ClassLabel names, GLUE's for its tasks' files, else the
+        training file's distinct labels, sorted (as numbers, if they all are). Read from the data once."""
+        if self._label_names is None:
+            self._label_names = self._labelled_splits()[1]
+        return self._label_names
+
+    def _load_split(self, split: str) -> tuple[datasets.Dataset, str]:
+        """One split as loaded, and where from: labels are ClassLabel ids (the Hub, CoLA's headerless files) or the
+        file's own words or numbers (with each example's line, for errors)."""
+        task, glue = self.hparams.task, GLUE_TASKS.get(self.hparams.task)
+        if not self.hparams.data_dir:
+            return load_glue(task, split if split == "train" else glue.validation), f"the Hub's {task} {split} split"
+        path = find_split_file(Path(self.hparams.data_dir), split)
+        if task == "cola" and not self.hparams.text_columns and is_headerless_cola(path):
+            return load_local_cola(path.parent, split), str(path)
+        if self.hparams.text_columns:
+            text_columns = [tuple(self.hparams.text_columns)]
+        else:  # GLUE's TSV header, or the Hub's names (a Hub split saved as CSV, say)
+            text_columns = [glue.tsv_text_columns, glue.text_columns] if glue and glue.tsv_text_columns else [tuple(self.text_columns)]
+        label_columns = [self.hparams.label_column or (glue.tsv_label_column if glue else "label"), "label"]
+        return load_local_table(path, text_columns, label_columns, tuple(self.text_columns)), str(path)
+
+    def _labelled_splits(self) -> tuple[dict[str, datasets.Dataset], list[str]]:
+        """Both splits with label ids 0..n-1, and the labels' names; DataError for a label the training data lacks,
+        or training data of a single label."""
+        loaded = {split: self._load_split(split) for split in SPLIT_FILES}
+        train, train_source = loaded["train"]
+        feature, glue = train.features["label"], GLUE_TASKS.get(self.hparams.task)
+        if isinstance(feature, datasets.ClassLabel):
+            names = list(feature.names)
+        elif glue:
+            names = list(glue.label_names)
+        else:
+            values = set(train["label"])
+            numbers = all(re.fullmatch(r"-?[0-9]+", v) for v in values)
+            names = sorted(values, key=int if numbers else None)
+        if len(set(train["label"])) < 2:
+            only = train[0]["label"]
+            raise DataError(f"{train_source}: every example has label {names[only] if isinstance(only, int) else only!r};"
+                            " a classifier needs examples of two labels or more")
+        splits = {}
+        for split, (dataset, source) in loaded.items():
+            if dataset.features["label"].dtype != "string":
+                splits[split] = dataset
+                continue
+            ids = {name: i for i, name in enumerate(names)}
+            if glue:  # GLUE's files number most tasks' labels
+                ids.update({str(i): i for i in range(len(names))})
+            labels = []
+            for value, line in zip(dataset["label"], dataset["line"]):
+                if value not in ids:
+                    known = "the training file's labels" if not glue else f"{self.hparams.task}'s labels"
+                    raise DataError(f"{source}:{line}: label {value!r} is not one of {known} ({', '.join(names)})")
+                labels.append(ids[value])
+            splits[split] = dataset.remove_columns(["label", "line"]).add_column("label", labels)
+        return splits, names
 
     def _load_tokenizer(self):
         with explain_hub_errors("tokenizer", self.hparams.model_name_or_path):
@@ -249,8 +500,9 @@ class ColaDataModule(pl.LightningDataModule):
         if self.splits:
             return
         self.tokenizer = self._load_tokenizer()
-        for split in SPLIT_FILES:
-            self.splits[split] = self._tokenize(self._load_split(split), split)
+        splits, self._label_names = self._labelled_splits()
+        for split, dataset in splits.items():
+            self.splits[split] = self._tokenize(dataset, split)
 
     def _model_max_length(self) -> int:
         """The longest input the model takes: its tokenizer's model_max_length, and its position embeddings
@@ -264,9 +516,10 @@ class ColaDataModule(pl.LightningDataModule):
         max_length = min(self.hparams.max_length, self._model_max_length())
 
         def encode(batch: dict) -> dict:
-            encoded = self.tokenizer(batch["sentence"], truncation=True, max_length=max_length)
+            texts = [batch[column] for column in self.text_columns]  # one list, or two for pairs
+            encoded = self.tokenizer(*texts, truncation=True, max_length=max_length)
             # A second, untruncated pass only counts what truncation cut; map caches both.
-            full_lengths = [len(ids) for ids in self.tokenizer(batch["sentence"])["input_ids"]]
+            full_lengths = [len(ids) for ids in self.tokenizer(*texts)["input_ids"]]
             encoded["truncated"] = [n > max_length for n in full_lengths]
             return encoded
 
@@ -313,3 +566,6 @@ class ColaDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("validation")
+
+
+ColaDataModule = TextDataModule  # its name when it knew CoLA alone

@@ -16,10 +16,10 @@ import datasets
 from huggingface_hub import constants
 from huggingface_hub.errors import GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-GLUE_COLA = ("nyu-mll/glue", "cola")  # CoLA on the Hub: the GLUE dataset's cola configuration
+GLUE = "nyu-mll/glue"  # GLUE on the Hub: a configuration per task (cola, sst2, ...)
 OFFLINE_HOWTO = (
     "To train offline, pass a local model folder (--model.model_name_or_path DIR, saved with save_pretrained)"
-    " and local CoLA files (--data.data_dir DIR with GLUE's train.tsv and dev.tsv)"
+    " and local data files (--data.data_dir DIR with GLUE's train.tsv and dev.tsv)"
 )
 
 
@@ -114,8 +114,8 @@ def explain_hub_errors(kind: str, name: str, howto: str = OFFLINE_HOWTO) -> Iter
         raise HubError(f"{what} {reason}. {howto}.") from None
 
 
-def load_glue_cola(split: str, howto: str = OFFLINE_HOWTO) -> datasets.Dataset:
-    """One split of CoLA from the Hub (or the datasets cache), with its ClassLabel; test's labels are -1."""
-    with explain_hub_errors("dataset", GLUE_COLA[0], howto):
-        return datasets.load_dataset(*GLUE_COLA, split=split)
+def load_glue(task: str, split: str, howto: str = OFFLINE_HOWTO) -> datasets.Dataset:
+    """One split of a GLUE task (cola, sst2, ...) from the Hub (or the datasets cache), with its ClassLabel; test's labels are -1."""
+    with explain_hub_errors("dataset", GLUE, howto):
+        return datasets.load_dataset(GLUE, task, split=split)
 

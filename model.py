@@ -1,4 +1,4 @@
-"""A pretrained BERT-family encoder fine-tuned to classify CoLA sentences, as a LightningModule."""
+"""A pretrained BERT-family encoder fine-tuned to classify texts or pairs of texts (CoLA by default), as a LightningModule."""
 
 import re
 import tempfile
@@ -15,6 +15,10 @@ from torchmetrics.classification import (
     BinaryF1Score,
     BinaryMatthewsCorrCoef,
     BinaryPrecisionRecallCurve,
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassMatthewsCorrCoef,
 )
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, get_linear_schedule_with_warmup
 
@@ -123,11 +127,15 @@ def check_options(
             raise OptionError(f"--model.num_layers {num_layers}: {model_name_or_path} has {available} layers; use at most {available}")
 
 
-class ColaModel(pl.LightningModule):
-    """Sequence classifier with CoLA's metrics and a fine-tuning recipe for small data.
+class TextClassifier(pl.LightningModule):
+    """Sequence classifier (a text, or a pair) with GLUE's metrics and a fine-tuning recipe for small data.
 
     Args:
         model_name_or_path: a Hub id or a local directory of any BERT-family checkpoint.
+        label_names: the labels, label 0 first (train.py links them from the data; None: CoLA's).
+        text_names: the names of an example's text, or of the two of a pair (train.py links them from the data's
+            text columns; None: CoLA's ["sentence"]); with the task, recorded in the model's config for inference.
+        task: the task's name (train.py links it from --data.task), the config's finetuning_task.
         learning_rate: peak AdamW learning rate of the top encoder layer; None picks one by model size:
             2e-5 for BERT-base and larger (the BERT paper's CoLA recipe), 1e-4 for smaller models, which
             barely leave the majority class at 2e-5 (MiniLM-L6: val MCC 0.18 at 2e-5, 0.33 at 1e-4).
@@ -156,6 +164,9 @@ class ColaModel(pl.LightningModule):
     def __init__(
         self,
         model_name_or_path: str = "google-bert/bert-base-uncased",
+        label_names: Optional[list[str]] = None,
+        text_names: Optional[list[str]] = None,
+        task: str = "cola",
         learning_rate: Optional[float] = None,
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.1,
@@ -171,16 +182,22 @@ class ColaModel(pl.LightningModule):
         super().__init__()
         check_options(model_name_or_path, learning_rate, weight_decay, warmup_ratio, layer_decay, head_learning_rate,
                       num_layers, ema_decay)
+        self.label_names = list(label_names or LABEL_NAMES)
         self.save_hyperparameters()
         with explain_hub_errors("model", model_name_or_path):
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 model_name_or_path,
-                num_labels=len(LABEL_NAMES),
-                id2label=dict(enumerate(LABEL_NAMES)),
-                label2id={name: i for i, name in enumerate(LABEL_NAMES)},
+                num_labels=len(self.label_names),
+                id2label=dict(enumerate(self.label_names)),
+                label2id={name: i for i, name in enumerate(self.label_names)},
+                # A model fine-tuned before, with another number of labels: its head is replaced by a new one, as
+                # the recipe assumes anyway (a fresh head; SanityChecks warns of one that is not).
+                ignore_mismatched_sizes=True,
                 **({"num_hidden_layers": num_layers} if num_layers else {}),  # loads the first num_layers layers
             )
             self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+        # Saved with the config (checkpoint, exports' config.json): what inference reads, one text or a pair.
+        self.model.config.finetuning_task, self.model.config.text_names = task, list(text_names or ["sentence"])
         # from_pretrained returns the model in eval mode and Lightning keeps each module's mode as it finds it:
         # without this, dropout would stay off during fine-tuning.
         self.model.train()
@@ -220,12 +237,17 @@ class ColaModel(pl.LightningModule):
         self._skip_updates: Optional[torch.Tensor] = None
         self._unread_loss_flags: list[tuple[int, int, torch.Tensor]] = []
         # Epoch-level metrics: torchmetrics accumulates over the whole epoch and syncs across DDP ranks.
+        # Two labels: F1 of label 1 (GLUE's, for MRPC and QQP) and a precision-recall curve; more: macro F1, no curve.
+        n = len(self.label_names)
         self.val_metrics = MetricCollection(
-            {"mcc": MatthewsCorrCoef(), "accuracy": BinaryAccuracy(), "f1": BinaryF1Score()}, prefix="val_"
+            {"mcc": MatthewsCorrCoef(), "accuracy": BinaryAccuracy(), "f1": BinaryF1Score()} if n == 2 else
+            {"mcc": MulticlassMatthewsCorrCoef(n), "accuracy": MulticlassAccuracy(n, average="micro"),
+             "f1": MulticlassF1Score(n, average="macro")},
+            prefix="val_",
         )
         self.val_loss = MeanMetric()
-        self.val_confusion = BinaryConfusionMatrix()
-        self.val_pr_curve = BinaryPrecisionRecallCurve(thresholds=101)  # binned: constant memory, cheap DDP sync
+        self.val_confusion = BinaryConfusionMatrix() if n == 2 else MulticlassConfusionMatrix(n)
+        self.val_pr_curve = BinaryPrecisionRecallCurve(thresholds=101) if n == 2 else None  # binned: constant memory, cheap DDP sync
         # Lightning's model summary counts FLOPs on this input (else it prints 0): one sentence of 16 tokens.
         tokens = torch.ones(1, 16, dtype=torch.long)
         self.example_input_array = ({"input_ids": tokens, "attention_mask": tokens, "labels": torch.zeros(1, dtype=torch.long)},)
@@ -290,27 +312,30 @@ class ColaModel(pl.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         logits, loss = self(batch)
         labels = batch["labels"]
-        prob_acceptable = logits.float().softmax(dim=-1)[:, 1]
+        probabilities = logits.float().softmax(dim=-1)
+        scores = probabilities[:, 1] if probabilities.size(1) == 2 else probabilities  # two labels: label 1's
         self.val_loss.update(loss, weight=labels.size(0))
-        for metric in (self.val_metrics, self.val_confusion, self.val_pr_curve):
-            metric.update(prob_acceptable, labels)
+        for metric in filter(None, (self.val_metrics, self.val_confusion, self.val_pr_curve)):
+            metric.update(scores, labels)
         self.log_dict(self.val_metrics, prog_bar=True)
         self.log("val_loss", self.val_loss, prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
         # compute() is a collective under DDP: every rank calls it; only rank zero draws.
-        confusion, pr_curve = self.val_confusion.compute(), self.val_pr_curve.compute()
+        confusion, pr_curve = self.val_confusion.compute(), self.val_pr_curve and self.val_pr_curve.compute()
         self.val_confusion.reset()
-        self.val_pr_curve.reset()
+        if self.val_pr_curve:
+            self.val_pr_curve.reset()
         if self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
-                fig, _ = self.val_confusion.plot(confusion, labels=list(LABEL_NAMES))
+                fig, _ = self.val_confusion.plot(confusion, labels=self.label_names)
                 logger.experiment.add_figure("val/confusion_matrix", fig, self.current_epoch)
-                fig, ax = self.val_pr_curve.plot(pr_curve)
-                ax.set_title("Precision-recall, positive class: acceptable")
-                logger.experiment.add_figure("val/precision_recall_curve", fig, self.current_epoch)
+                if self.val_pr_curve:
+                    fig, ax = self.val_pr_curve.plot(pr_curve)
+                    ax.set_title(f"Precision-recall, positive class: {self.label_names[1]}")
+                    logger.experiment.add_figure("val/precision_recall_curve", fig, self.current_epoch)
 
     def parameter_groups(self) -> list[dict]:
         """AdamW groups: one per (learning rate, weight decay) pair that the recipe gives parameters, each named
@@ -400,3 +425,6 @@ class ColaModel(pl.LightningModule):
                 self.tokenizer.save_pretrained(tmp)
                 self._tokenizer_files = {p.name: p.read_text(encoding="utf-8") for p in Path(tmp).iterdir()}
         return self._tokenizer_files
+
+
+ColaModel = TextClassifier  # its name when it knew CoLA alone

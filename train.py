@@ -1,6 +1,8 @@
-"""Fine-tune a pretrained BERT on CoLA.
+"""Fine-tune a pretrained BERT on CoLA, another GLUE task or your own labelled texts.
 
-    python train.py                                   # BERT-base from the Hub, 3 epochs
+    python train.py                                   # BERT-base from the Hub on CoLA, 3 epochs
+    python train.py --data.task rte                   # another GLUE task (data.py: GLUE_TASKS)
+    python train.py --data.task reviews --data.data_dir my_data --data.text_columns [review]   # your own files
     python train.py --help                            # every model, data and Trainer option
     python train.py --config my.yaml                  # the same options from YAML
     python train.py --ckpt_path logs/cola/version_0/checkpoints/last.ckpt   # resume that run
@@ -37,9 +39,9 @@ try:  # torch and Lightning take seconds to import: a Ctrl-C meanwhile is one li
         SanityChecks, StopOnSignal, StoppedBySignal, TrainingThroughput,
     )
     from checkpoints import RUN_VERSION_ENV, CheckpointError, check_resumable, choose_run_folder, requeued_checkpoint
-    from data import ColaDataModule, DataError, OptionError
+    from data import DataError, OptionError, TextDataModule, default_metric
     from hub import HubError
-    from model import ColaModel, NonFiniteLossError, check_options
+    from model import NonFiniteLossError, TextClassifier, check_options
 except KeyboardInterrupt:
     print("\ninterrupted while starting: nothing to save", file=sys.stderr)
     sys.exit(130)
@@ -120,7 +122,12 @@ def check_config(config: dict) -> None:
     check_trainer_options(dict_to_namespace(config))
     model_options = inspect.signature(check_options).parameters
     check_options(**{name: value for name, value in config["model"].items() if name in model_options})
-    ColaDataModule(**{name: value for name, value in config["data"].items() if not name.startswith("_")})
+    TextDataModule(**{name: value for name, value in config["data"].items() if not name.startswith("_")})
+
+
+def monitored_metric(task: str, metric: Optional[str]) -> str:
+    """What picks the best checkpoint and stops early: --data.metric, else the task's (data.default_metric)."""
+    return f"val_{metric or default_metric(task)}"
 
 
 class OneLineErrorParser(LightningArgumentParser):
@@ -134,12 +141,16 @@ class OneLineErrorParser(LightningArgumentParser):
         self.exit(2)
 
 
-class ColaCLI(LightningCLI):
+class TrainCLI(LightningCLI):
     claimed_run_dir: Optional[Path] = None  # the new run folder this process created, if it did
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
         parser.link_arguments("model.compile", "data.pad_to_buckets")  # few shapes to compile
+        # The model's labels and inputs come from the data (as in Lightning's docs: num_classes from the datamodule).
+        parser.link_arguments("data.task", "model.task")
+        parser.link_arguments("data.label_names", "model.label_names", apply_on="instantiate")
+        parser.link_arguments("data.text_columns", "model.text_names", apply_on="instantiate")
         parser.add_argument("--ckpt_path", type=Optional[str], default=None, help="Resume training from this last.ckpt.")
         parser.add_argument(
             "--save_last_every_minutes", type=Optional[float], default=10.0,
@@ -148,17 +159,20 @@ class ColaCLI(LightningCLI):
         parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.set_defaults(
             {
-                "checkpoint.monitor": "val_mcc",  # CoLA's official metric
-                "checkpoint.mode": "max",
+                "checkpoint.mode": "max",  # MCC, accuracy and F1 alike
                 "checkpoint.save_last": True,
-                "checkpoint.filename": "best-{epoch}-{val_mcc:.4f}",
                 # Overwrite, never add -v1 copies: last.ckpt has several writers, and a resumed run rewrites
                 # the same best checkpoint when it redoes the validation an interrupted run had done.
                 "checkpoint.enable_version_counter": False,
             }
         )
         parser.add_lightning_class_args(EarlyStoppingAfterWarmup, "early_stopping")
-        parser.set_defaults({"early_stopping.monitor": "val_mcc", "early_stopping.mode": "max", "early_stopping.patience": 3})
+        parser.set_defaults({"early_stopping.mode": "max", "early_stopping.patience": 3})
+        # All three metrics are logged for every task; one picks the best checkpoint and stops early.
+        for target in ("checkpoint.monitor", "early_stopping.monitor"):
+            parser.link_arguments(("data.task", "data.metric"), target, compute_fn=monitored_metric)
+        parser.link_arguments(("data.task", "data.metric"), "checkpoint.filename",
+                              compute_fn=lambda task, metric: f"best-{{epoch}}-{{{monitored_metric(task, metric)}:.4f}}")
 
     def before_instantiate_classes(self) -> None:
         check_trainer_options(self.config)
@@ -168,6 +182,8 @@ class ColaCLI(LightningCLI):
             if self.config.ckpt_path:
                 check_resumable(self.config.ckpt_path, self.resume_settings())
             return
+        if init_args.name is None:  # the default: logs/TASK (logs/cola, logs/sst2, ...)
+            init_args.name = self.config.data.task
         root = Path(init_args.save_dir) / init_args.name
         self.config.ckpt_path, init_args.version = requeued_checkpoint(root, self.config.ckpt_path, init_args.version)
         if self.config.ckpt_path:
@@ -220,13 +236,14 @@ class ColaCLI(LightningCLI):
         return trainer
 
 
-def report(trainer: Trainer, datamodule: ColaDataModule, timer: Timer, throughput: TrainingThroughput) -> None:
-    """Print and save the outcome of a run: best val_mcc, where the checkpoints are, what to run next."""
+def report(trainer: Trainer, datamodule: TextDataModule, timer: Timer, throughput: TrainingThroughput) -> None:
+    """Print and save the outcome of a run: the best score (val_mcc for CoLA), where the checkpoints are, what to run next."""
     checkpoint = trainer.checkpoint_callback
-    best_mcc = float(checkpoint.best_model_score)
+    best_score, monitor = float(checkpoint.best_model_score), checkpoint.monitor
     train_seconds = timer.time_elapsed("train")  # by this process: a resumed run's earlier part is not in it
     summary = {
-        "best_val_mcc": best_mcc,
+        "monitor": monitor,
+        f"best_{monitor}": best_score,
         "best_model_path": checkpoint.best_model_path,
         "last_model_path": checkpoint.last_model_path,
         "epochs": trainer.current_epoch,
@@ -241,9 +258,9 @@ def report(trainer: Trainer, datamodule: ColaDataModule, timer: Timer, throughpu
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     hparams = {**trainer.lightning_module.hparams, **datamodule.hparams, "max_epochs": trainer.max_epochs}
     hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}  # drop LightningCLI's bookkeeping
-    trainer.logger.log_hyperparams(hparams, metrics={"hp/best_val_mcc": best_mcc})
+    trainer.logger.log_hyperparams(hparams, metrics={f"hp/best_{monitor}": best_score})
     trainer.logger.finalize("success")  # fit had closed the event file; logging reopened it: flush and close
-    print(f"\nBest val_mcc {best_mcc:.4f}: {checkpoint.best_model_path}")
+    print(f"\nBest {monitor} {best_score:.4f}: {checkpoint.best_model_path}")
     print(f"Run folder (metrics.json, TensorBoard): {run_dir}")
 
 
@@ -268,9 +285,9 @@ def main(args: Optional[list[str]] = None, callbacks: Sequence[Callback] = (), e
     """One training run with these command-line arguments (default: sys.argv), plus callbacks (tune.py reports
     each validation to its trial with one). tune.py exports only the best trial's checkpoint (export=False)."""
     timer, throughput = Timer(), TrainingThroughput()
-    cli = ColaCLI(
-        ColaModel,
-        ColaDataModule,
+    cli = TrainCLI(
+        TextClassifier,
+        TextDataModule,
         args=args,
         run=False,
         parser_class=OneLineErrorParser,
@@ -285,7 +302,7 @@ def main(args: Optional[list[str]] = None, callbacks: Sequence[Callback] = (), e
             "log_every_n_steps": 10,
             "logger": {
                 "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": "logs", "name": "cola", "default_hp_metric": False},
+                "init_args": {"save_dir": "logs", "name": None, "default_hp_metric": False},  # name None: the task's
             },
             "callbacks": [
                 LearningRateMonitor(logging_interval="step"),
@@ -318,7 +335,8 @@ def main(args: Optional[list[str]] = None, callbacks: Sequence[Callback] = (), e
         report(trainer, cli.datamodule, timer, throughput)
     if trainer.is_global_zero and export:
         export_for_inference(checkpoint.best_model_path)
-        print(f'Next: python inference.py --checkpoint {checkpoint.best_model_path} "The boy is sitting on a bench."')
+        example = {1: '"The boy is sitting on a bench."', 2: "$'The first text.\\tThe second text.'"}  # a pair: tab-separated
+        print(f"Next: python inference.py --checkpoint {checkpoint.best_model_path} {example[len(cli.datamodule.text_columns)]}")
 
 
 def stop_before_training(signum: int, frame: Any) -> None:

@@ -388,7 +388,7 @@ def test_train_with_the_hub_unreachable_fails_at_once_in_one_line(tmp_path, tiny
         "Seed set to 42",
         f"error: model 'google-bert/bert-base-uncased' could not be downloaded: the Hub at http://127.0.0.1:{refused_port}"
         " is unreachable (no network?), and it is not cached. To train offline, pass a local model folder (--model.model_name_or_path"
-        " DIR, saved with save_pretrained) and local CoLA files (--data.data_dir DIR with GLUE's train.tsv and dev.tsv).",
+        " DIR, saved with save_pretrained) and local data files (--data.data_dir DIR with GLUE's train.tsv and dev.tsv).",
     ], result.stderr[-3000:]
 
 
