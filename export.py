@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 
 def model_facts(checkpoint: dict) -> dict:
-    """What prediction needs besides the weights: labels, tokenizer, truncation length, padding id."""
+    """What prediction needs besides the weights: labels, tokenizer, truncation length, padding id, texts, task."""
     config = checkpoint["hf_config"]
     id2label = {int(k): v for k, v in config["id2label"].items()}
     trained_max_length = checkpoint.get("datamodule_hyper_parameters", {}).get("max_length", 128)
@@ -40,6 +40,10 @@ def model_facts(checkpoint: dict) -> dict:
         "max_length": min(trained_max_length, config.get("max_position_embeddings", trained_max_length)),
         "tokenizer": checkpoint["tokenizer_files"]["tokenizer.json"],
         "pad_token_id": config.get("pad_token_id") or 0,
+        # A text or a pair, and the task (GLUE's file for --glue_test): checkpoints from before they were
+        # recorded are CoLA's.
+        "text_names": config.get("text_names", ["sentence"]),
+        "task": config.get("finetuning_task") or "cola",
     }
 
 

@@ -1,13 +1,15 @@
-"""Predict whether English sentences are grammatical, with a checkpoint trained by train.py. Offline.
+"""Classify texts (CoLA: are English sentences grammatical?) with a checkpoint trained by train.py. Offline.
 
     python inference.py "The boy is sitting on a bench." "Him sat bench."
     python inference.py --file sentences.txt --json > predictions.jsonl
     cat sentences.txt | python inference.py -
+    python inference.py --checkpoint logs/rte $'A man is eating.\tSomeone eats.'   # a pair model: tab-separated
     python inference.py --export exported/       # a folder transformers.pipeline() loads
     python inference.py --glue_test glue_data/CoLA/test.tsv > CoLA.tsv   # for the GLUE leaderboard
     python inference.py --glue_test > CoLA.tsv                           # the same, from the Hub's copy
 
 Without --checkpoint it uses the best checkpoint of the most recent run under logs/cola (after tune.py: of its best trial).
+A model of sentence pairs (RTE, MRPC...) takes each pair as one argument or line: the two texts, a tab between.
 
 Start-up time is the point of this file's shape: importing torch and transformers' BERT takes ~6 s
 on a 2-core machine, onnxruntime and tokenizers ~0.3 s. So the first use of a checkpoint exports
@@ -54,15 +56,16 @@ TOKENIZE_GROUP = 64
 MAX_LINE_BYTES = 16 * 1024
 NOT_FINITE = "the model's output is not a finite number (NaN or infinity): its weights are damaged"
 BACKENDS = ("onnx", "onnx-int8", "torch")
-HUB_TEST_SPLIT = ""  # --glue_test without a file: the test split of GLUE's CoLA on the Hub
+HUB_TEST_SPLIT = ""  # --glue_test without a file: the test split of the model's GLUE task on the Hub
+PAIR_HOWTO = "a pair is two texts: on a command line or in a file, the first, a tab, the second"
 
 
 class InputError(Exception):
     """Input that cannot be classified (not text, an unreadable file), reported as one line."""
 
 
-class ColaPredictor:
-    """A trained CoLA classifier: `ColaPredictor("best.ckpt").predict(["Him sat bench."])`.
+class Predictor:
+    """A trained classifier: `Predictor("best.ckpt").predict(["Him sat bench."])`; of pairs: predict([("A", "B")]).
 
     backend "onnx" (default) runs the cached ONNX export on CPU with ONNX Runtime; "onnx-int8" its cached
     int8-weight copy (faster on CPU; probabilities ~0.02 off, and shifting a little with the batch a
@@ -94,6 +97,11 @@ class ColaPredictor:
             self.pad_token_id = int(facts["pad_token_id"])
             self.tokenizer = Tokenizer.from_str(facts["tokenizer"])
             self.base_model: Optional[str] = facts.get("base_model")  # exports since the image: what /health names
+            # Exports from before pairs and tasks are CoLA's.
+            names = facts.get("text_names", ["sentence"])
+            self.text_names = names if isinstance(names, list) else json.loads(names)
+            self.task: str = facts.get("task", "cola")
+            self.pairs = len(self.text_names) == 2
         except Exception:  # KeyError, ValueError, the tokenizer's own: an ONNX file that inference.py did not write
             raise CheckpointError(f"{path}: not an export of this project (no labels or tokenizer in its metadata);"
                                   " export a checkpoint with inference.py --checkpoint CKPT") from None
@@ -105,8 +113,9 @@ class ColaPredictor:
     ) -> list[dict]:
         """One result per sentence, in order: {"sentence", "label", "probabilities": {label: p}}, or
         {"sentence", "error"} for an empty sentence, or one the model gives no finite output for.
-        sentences is a list or tuple of strings; anything else (one string, a generator, a dict, None), a
-        sentence that is not text and a batch_size that is not a positive integer raise InputError."""
+        sentences is a list or tuple of strings, or for a model of pairs of (text, text) pairs (results:
+        {"pair": [text, text], ...}); anything else (one string, a generator, a dict, None), a sentence
+        that is not text and a batch_size that is not a positive integer raise InputError."""
         results, truncated = self.predict_counting_truncated(sentences, batch_size, progress)
         self.warn_truncated(truncated)
         return results
@@ -123,14 +132,21 @@ class ColaPredictor:
         if not isinstance(sentences, (list, tuple)):
             raise InputError(f"sentences must be a list or tuple of strings, not {type(sentences).__name__}")
         for number, sentence in enumerate(sentences, start=1):
-            if not isinstance(sentence, str):
-                raise InputError(f"sentence {number} is a {type(sentence).__name__}, not a string")
-            try:
-                sentence.encode("utf-8")
-            except UnicodeEncodeError as e:  # a lone surrogate, e.g. from undecodable bytes in sys.argv
-                raise InputError(f"sentence {number} is not valid Unicode text ({e.reason})") from None
-        results: list[dict] = [{"sentence": s, "error": "empty sentence"} for s in sentences]
-        todo = [i for i, s in enumerate(sentences) if s.strip()]
+            if self.pairs and not (isinstance(sentence, (list, tuple)) and len(sentence) == 2):
+                raise InputError(f"pair {number} is not two texts: this model classifies pairs ({PAIR_HOWTO})")
+            for text in sentence if self.pairs else [sentence]:
+                if not isinstance(text, str):
+                    raise InputError(f"sentence {number} is a {type(text).__name__}, not a string")
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:  # a lone surrogate, e.g. from undecodable bytes in sys.argv
+                    raise InputError(f"sentence {number} is not valid Unicode text ({e.reason})") from None
+        key = "pair" if self.pairs else "sentence"
+        if self.pairs:
+            sentences = [tuple(pair) for pair in sentences]  # what the tokenizer takes as a pair
+        empty = f"empty text ({PAIR_HOWTO})" if self.pairs else "empty sentence"
+        results: list[dict] = [{key: self._shown(s), "error": empty} for s in sentences]
+        todo = [i for i, s in enumerate(sentences) if all(t.strip() for t in (s if self.pairs else [s]))]
         encodings, truncated = {}, 0  # sentence index -> (ids, type_ids)
         for start in range(0, len(todo), TOKENIZE_GROUP):
             group = todo[start : start + TOKENIZE_GROUP]
@@ -147,14 +163,17 @@ class ColaPredictor:
             probabilities /= probabilities.sum(axis=1, keepdims=True)
             for i, probs, ok in zip(batch, probabilities.tolist(), finite):
                 if not ok:  # weights with NaN or infinity in them: no probability would be true
-                    results[i] = {"sentence": sentences[i], "error": NOT_FINITE}
+                    results[i] = {key: self._shown(sentences[i]), "error": NOT_FINITE}
                     continue
                 results[i] = {
-                    "sentence": sentences[i],
+                    key: self._shown(sentences[i]),
                     "label": self.labels[int(np.argmax(probs))],
                     "probabilities": dict(zip(self.labels, probs)),
                 }
         return results, truncated
+
+    def _shown(self, item):
+        return list(item) if self.pairs else item  # JSON has no tuples
 
     def _pad(self, encodings: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
         width = max(len(ids) for ids, _ in encodings)
@@ -304,39 +323,57 @@ def read_lines(source: BinaryIO, name: str) -> Iterator[list[str]]:
         raise error
 
 
-def glue_test_rows(path: str) -> list[list[str]]:
-    """[index, sentence] of each sentence of GLUE's CoLA test set: GLUE's test.tsv at path, or the Hub's copy."""
+def glue_test_rows(task: str, path: str) -> list[list[str]]:
+    """[index, text] (or [index, text, text] for pairs) of each example of a GLUE task's test set: GLUE's test.tsv
+    (test_matched.tsv for MNLI) at path, or the Hub's copy."""
+    from data import GLUE_TASKS  # the task table; torch and datasets load with it: only on this path
+
+    glue = GLUE_TASKS[task]
     if path == HUB_TEST_SPLIT:
-        from hub import HubError, load_glue_cola  # datasets: only on this path
+        from hub import HubError, load_glue
 
         try:
-            test = load_glue_cola("test", howto="Or give GLUE's CoLA test.tsv: --glue_test TSV")
+            test = load_glue(task, glue.test, howto=f"Or give GLUE's {task} test file: --glue_test TSV")
         except HubError as e:
             raise InputError(str(e)) from None
-        return [[str(index), sentence] for index, sentence in zip(test["idx"], test["sentence"])]
-    try:
-        lines = Path(path).read_text(encoding="utf-8").removeprefix("\ufeff").splitlines()
+        return [[str(index), *texts] for index, *texts in zip(test["idx"], *(test[c] for c in glue.text_columns))]
+    try:  # lines end at \n alone, as GLUE's files are split (SST-2's hold \r)
+        lines = Path(path).read_bytes().decode("utf-8").removeprefix("\ufeff").removesuffix("\n").split("\n")
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: cannot read as UTF-8 text ({getattr(e, 'strerror', None) or e.reason})") from None
-    if not lines or lines[0].split("\t") != ["index", "sentence"]:
-        raise InputError(f"{path}:1: expected GLUE's CoLA test.tsv header 'index<TAB>sentence'")
-    rows = [line.split("\t", 1) for line in lines[1:]]
-    for number, row in enumerate(rows, start=2):
-        if len(row) != 2 or not row[0].isdigit() or not row[1].strip():
-            raise InputError(f"{path}:{number}: expected an index, a tab and a sentence")
+    header = [name.removesuffix("\r") for name in lines[0].split("\t")]
+    wanted = next((["index" if "index" in header else "id", *c] for c in (glue.tsv_text_columns, glue.text_columns)
+                   if c and set(c) <= set(header)), None)
+    if not wanted or wanted[0] not in header:
+        expected = "<TAB>".join(["index", *(glue.tsv_text_columns or glue.text_columns)])
+        raise InputError(f"{path}:1: expected GLUE's {task} test.tsv header, with {expected}")
+    columns = [header.index(name) for name in wanted]
+    rows = []
+    for number, line in enumerate(lines[1:], start=2):
+        fields = line.removesuffix("\r").split("\t")
+        row = [fields[i] if i < len(fields) else "" for i in columns]
+        if len(fields) != len(header) or not row[0].isdigit() or not all(text.strip() for text in row[1:]):
+            raise InputError(f"{path}:{number}: expected {len(header)} tab-separated fields: an index and {' and '.join(wanted[1:])}")
+        rows.append(row)
     return rows
 
 
-def glue_test_predictions(predictor: ColaPredictor, path: str) -> Iterator[str]:
-    """The GLUE leaderboard's CoLA.tsv (index<TAB>prediction, 1 for acceptable) for GLUE's CoLA test set
-    (glue_test_rows), lines with a header first."""
-    rows = glue_test_rows(path)
-    results = predictor.predict([sentence for _, sentence in rows])
+def glue_test_predictions(predictor: Predictor, path: str) -> Iterator[str]:
+    """The GLUE leaderboard's file for the model's task (CoLA.tsv: index<TAB>prediction, 1 for acceptable; RTE.tsv:
+    entailment or not_entailment, as GLUE's server reads each task) for its test set (glue_test_rows), a header first."""
+    from data import GLUE_TASKS
+
+    if predictor.task not in GLUE_TASKS:
+        raise InputError(f"--glue_test: this model was trained on {predictor.task!r}, not a GLUE task ({', '.join(GLUE_TASKS)})")
+    glue = GLUE_TASKS[predictor.task]
+    rows = glue_test_rows(predictor.task, path)
+    results = predictor.predict([row[1] if len(row) == 2 else row[1:] for row in rows])
     if any("error" in result for result in results):
         raise CheckpointError(f"{path}: some sentences got no prediction: {NOT_FINITE}")
+    print(f"note: GLUE's server reads these predictions from a file named {glue.submission}", file=sys.stderr)
     yield "index\tprediction"
-    for (index, _), result in zip(rows, results):
-        yield f"{index}\t{predictor.labels.index(result['label'])}"
+    for row, result in zip(rows, results):
+        yield f"{row[0]}\t{result['label'] if glue.submit_label_names else predictor.labels.index(result['label'])}"
 
 
 def print_results(results: list[dict], as_json: bool, first_line: int = 1, label_width: int = 0) -> None:
@@ -350,21 +387,25 @@ def print_results(results: list[dict], as_json: bool, first_line: int = 1, label
             print(f"warning: input {line_no} skipped: {result['error']}", file=sys.stderr)
         else:
             probability = result["probabilities"][result["label"]]
-            print(f"{result['label']:<{label_width}}  {probability:.3f}  {result['sentence']}")
+            text = result["sentence"] if "sentence" in result else "\t".join(result["pair"])  # as it was given
+            print(f"{result['label']:<{label_width}}  {probability:.3f}  {text}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sentences", nargs="*", help="sentences to classify; '-' reads them from standard input")
-    parser.add_argument("--file", action="append", help="a UTF-8 text file, one sentence per line ('-': standard input)")
+    parser.add_argument("sentences", nargs="*", help="sentences to classify (for a model of pairs: two texts with a tab"
+                        " between); '-' reads them from standard input")
+    parser.add_argument("--file", action="append", help="a UTF-8 text file, one sentence (or tab-separated pair) per line"
+                        " ('-': standard input)")
     parser.add_argument("--checkpoint", type=Path, help="a .ckpt file, a run folder, a folder of runs (default: logs/cola),"
                         " or an export: a .onnx file or a folder holding it")
     parser.add_argument("--json", action="store_true", help="one JSON object per input line")
     parser.add_argument("--batch_size", type=int, default=BATCH_SIZE)
     parser.add_argument("--backend", choices=BACKENDS, default="onnx", help="torch uses the GPU if present")
     parser.add_argument("--export", metavar="DIR", help="write a Hugging Face model folder to DIR (new or empty) and exit")
-    parser.add_argument("--glue_test", metavar="TSV", nargs="?", const=HUB_TEST_SPLIT, help="print GLUE's CoLA.tsv"
-                        " (leaderboard predictions) for GLUE's CoLA test.tsv; without TSV, for the Hub's nyu-mll/glue cola test split")
+    parser.add_argument("--glue_test", metavar="TSV", nargs="?", const=HUB_TEST_SPLIT, help="print GLUE's leaderboard"
+                        " predictions (CoLA.tsv, RTE.tsv...) for the model's task's test.tsv; without TSV, for the Hub's"
+                        " nyu-mll/glue test split of that task")
     # argparse prints its usage before the error: one line instead, as every other problem.
     parser.error = lambda message: sys.exit(f"error: {message} (python inference.py --help lists the options)")
     args = parser.parse_args()
@@ -381,12 +422,12 @@ def main() -> None:
         print(f"Exported to {args.export}: pipeline('text-classification', model='{args.export}')")
         return
     if args.glue_test is not None:
-        print("\n".join(glue_test_predictions(ColaPredictor(checkpoint, backend=args.backend), args.glue_test)))
+        print("\n".join(glue_test_predictions(Predictor(checkpoint, backend=args.backend), args.glue_test)))
         return
     chunks = read_sentences(args)
     # Bad input near the start fails before the model loads; a second chunk means a long input.
     head = list(itertools.islice(chunks, 2))
-    predictor = ColaPredictor(checkpoint, backend=args.backend)
+    predictor = Predictor(checkpoint, backend=args.backend)
     label_width = max(len(label) for label in predictor.labels)
     line, truncated, not_finite, bar = 1, 0, 0, None
     if len(head) > 1:  # one bar over all sentences, however many chunks; not per chunk
@@ -394,6 +435,8 @@ def main() -> None:
 
         bar = tqdm(desc="Predicting", unit=" sentences", file=sys.stderr)
     for chunk in itertools.chain(head, chunks):
+        if predictor.pairs:  # "first<TAB>second"; without a tab, an empty second text, reported as such
+            chunk = [(line.split("\t", 1) + [""])[:2] for line in chunk]
         results, chunk_truncated = predictor.predict_counting_truncated(chunk, args.batch_size, progress=bar is None)
         print_results(results, args.json, line, label_width)
         sys.stdout.flush()  # output starts at once, even into a pipe
@@ -416,3 +459,6 @@ if __name__ == "__main__":
     except BrokenPipeError:  # `... | head`: the reader has all it wants
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         sys.exit(1)
+
+
+ColaPredictor = Predictor  # its name when it knew CoLA alone

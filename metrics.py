@@ -41,7 +41,7 @@ class ServeMetrics:
                             multiprocess_mode="livesum")
         # An info metric is a gauge of 1 whose labels say it (prometheus_client's Info has no multiprocess mode).
         info = Gauge("cola_model_info", "the model served: checkpoint (run folder and file), its sha256 prefix,"
-                     " val MCC and base model", list(model), registry=registry, multiprocess_mode="max")
+                     " validation metric and score, base model and task", list(model), registry=registry, multiprocess_mode="max")
         info.labels(**model).set(1)
 
     def exposition(self) -> bytes:

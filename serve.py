@@ -4,6 +4,7 @@
     python serve.py --checkpoint model/      # its ONNX export alone: no PyTorch (requirements-serve.txt, Dockerfile)
     curl -s http://127.0.0.1:8000/predict -H 'Content-Type: application/json' \\
         -d '{"sentences": ["The boy is sitting on a bench.", "Him sat bench."]}'
+    (a model of pairs, e.g. RTE's: -d '{"pairs": [["A man is eating.", "Someone eats."]]}')
 
 POST /predict answers one result per sentence, in order: the objects `python inference.py --json`
 prints. GET /health says which checkpoint is served; GET / is the page (serve.html); /docs is
@@ -53,7 +54,7 @@ from uvicorn.supervisors import Multiprocess  # noqa: E402
 
 from checkpoints import CheckpointError, find_best_checkpoint, process_gone, run_folder_of  # noqa: E402
 from export import file_sha256  # noqa: E402
-from inference import BACKENDS, ColaPredictor, InputError, resolve_model  # noqa: E402
+from inference import BACKENDS, Predictor, InputError, resolve_model  # noqa: E402
 from metrics import CLIENT_GONE, CONTENT_TYPE, MULTIPROCESS_DIR, RequestMetrics, ServeMetrics  # noqa: E402
 
 PAGE = Path(__file__).resolve().parent / "serve.html"  # read once per start: no file opened per request
@@ -420,9 +421,16 @@ class RateLimitedAcceptErrors(logging.Filter):
 
 
 class PredictRequest(BaseModel):
+    """{"sentences": [...]} for a model of single texts, {"pairs": [[first, second], ...]} for one of pairs (/health's
+    "texts" says which)."""
+
     model_config = ConfigDict(extra="forbid")  # {"sentence": ...} is a mistake to report, not to ignore
 
-    sentences: list[str]
+    sentences: Optional[list[str]] = None
+    pairs: Optional[list[tuple[str, str]]] = None
+
+
+EXAMPLE = {1: '{"sentences": ["a sentence", ...]}', 2: '{"pairs": [["first text", "second text"], ...]}'}
 
 
 class ErrorDetail(BaseModel):
@@ -433,7 +441,8 @@ class ErrorDetail(BaseModel):
 PREDICT_ERRORS = {
     status: {"model": ErrorDetail, "description": description} for status, description in (
         (400, "the body is not JSON"), (408, "the request took over --request_timeout_s to arrive"),
-        (413, "too many sentences, too long a sentence, or too large a body"), (422, "not {\"sentences\": [strings]}"),
+        (413, "too many sentences, too long a sentence, or too large a body"),
+        (422, "not {\"sentences\": [strings]} (nor, for a model of pairs, {\"pairs\": [[string, string]]})"),
         (431, "request headers over 16 KiB"), (503, "overloaded: retry (Retry-After)"),
     )
 }
@@ -442,11 +451,12 @@ PREDICT_ERRORS = {
 def checkpoint_facts(checkpoint: Path, export_base_model: Optional[str] = None) -> dict:
     """What /health, the page and /metrics say of the model, read without loading it, and naming no path of
     this machine: the checkpoint (or export) by run folder and file name (cola/version_0/best-....ckpt), the
-    start of the served file's sha256, its val MCC from its file name (train.py's best-epoch=E-val_mcc=M.ckpt)
+    start of the served file's sha256, its validation score from its file name (train.py's best-epoch=E-val_mcc=M.ckpt:
+    metric val_mcc, score M)
     and the base model from its run folder's hparams.yaml, else the one an export names (export_base_model);
     a local folder by its last two names, whichever machine it was on."""
     run = run_folder_of(checkpoint)
-    mcc = re.search(r"val_mcc=(-?[0-9.]+?)(?:-v\d+)?\.(?:ckpt|onnx|int8\.onnx)$", checkpoint.name)
+    score = re.search(r"(val_(?:mcc|accuracy|f1))=(-?[0-9.]+?)(?:-v\d+)?\.(?:ckpt|onnx|int8\.onnx)$", checkpoint.name)
     try:
         hparams = yaml.safe_load((checkpoint.parent.parent / "hparams.yaml").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):  # none, or damaged: /health says model null
@@ -458,7 +468,8 @@ def checkpoint_facts(checkpoint: Path, export_base_model: Optional[str] = None) 
     return {
         "checkpoint": f"{run.parent.name}/{run.name}/{checkpoint.name}" if run else checkpoint.name,
         "sha256": file_sha256(checkpoint)[:12],  # ~0.1 s for MiniLM's 90 MB, once per start
-        "val_mcc": float(mcc.group(1)) if mcc else None,
+        "metric": score.group(1) if score else None,
+        "score": float(score.group(2)) if score else None,
         "model": model if isinstance(model, str) else None,
     }
 
@@ -475,9 +486,12 @@ def validation_message(error: dict) -> str:
     return f"{where or 'body'}: {error['msg']}"
 
 
-def create_app(predictor: ColaPredictor, settings: Settings) -> FastAPI:
+def create_app(predictor: Predictor, settings: Settings) -> FastAPI:
     """The API and the page, serving predictor; the batcher runs while the app does (its lifespan)."""
-    facts = checkpoint_facts(Path(settings.checkpoint), getattr(predictor, "base_model", None))
+    facts = {**checkpoint_facts(Path(settings.checkpoint), getattr(predictor, "base_model", None)),
+             "task": getattr(predictor, "task", "cola")}
+    text_names = list(getattr(predictor, "text_names", ["sentence"]))
+    texts = len(text_names)
     batch_size, wait_ms = (settings.max_batch_size, settings.max_wait_ms) if settings.batching else (1, 0)
     metrics = ServeMetrics({name: "" if value is None else str(value) for name, value in facts.items()})
 
@@ -500,8 +514,9 @@ def create_app(predictor: ColaPredictor, settings: Settings) -> FastAPI:
     # FastAPIOffline: FastAPI, with /docs's Swagger UI (and /redoc) served from an installed package rather
     # than a CDN, so the API documentation works offline.
     app = FastAPIOffline(
-        title="CoLA grammaticality", lifespan=lifespan,
-        description="Is an English sentence grammatical? A classifier trained on CoLA by train.py.",
+        title=f"{facts['task']} classifier", lifespan=lifespan,
+        description=f"A text classifier trained on {facts['task']} by train.py: labels {', '.join(predictor.labels)};"
+                    f" {'pairs of texts' if texts == 2 else 'single sentences'}.",
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
 
@@ -513,7 +528,7 @@ def create_app(predictor: ColaPredictor, settings: Settings) -> FastAPI:
             return JSONResponse({"detail": f"body is not valid JSON: {where}"}, status_code=400)
         if error["loc"] == ("body",) and isinstance(error.get("input"), bytes):  # no JSON content type
             return JSONResponse({"detail": "body is not JSON: send it with Content-Type: application/json"}, 400)
-        example = ' (expected {"sentences": ["a sentence", ...]})' if len(error["loc"]) <= 2 else ""
+        example = f' (expected {EXAMPLE[texts]})' if len(error["loc"]) <= 2 else ""
         return JSONResponse({"detail": validation_message(error) + example}, status_code=422)
 
     @app.exception_handler(Exception)
@@ -523,18 +538,24 @@ def create_app(predictor: ColaPredictor, settings: Settings) -> FastAPI:
     @app.post("/predict", responses=PREDICT_ERRORS)
     async def predict(body: PredictRequest, request: Request) -> list[dict]:
         """One result per sentence, in order: {"sentence", "label", "probabilities": {label: p}},
-        or {"sentence", "error"} for an empty one or a non-finite model output. 503 with Retry-After when
-        the server has more sentences waiting than it can answer in a few hundred milliseconds."""
-        sentences = body.sentences
+        or {"sentence", "error"} for an empty one or a non-finite model output ({"pair": [first, second], ...}
+        for a model of pairs). 503 with Retry-After when the server has more sentences waiting than it can
+        answer in a few hundred milliseconds."""
+        field = "pairs" if texts == 2 else "sentences"
+        sentences = getattr(body, field)
+        if sentences is None or getattr(body, "sentences" if texts == 2 else "pairs") is not None:
+            raise HTTPException(422, f"this model classifies {'pairs of texts' if texts == 2 else 'single sentences'}: send {EXAMPLE[texts]}")
         if len(sentences) > settings.max_sentences:
-            raise HTTPException(413, f"{len(sentences)} sentences: at most {settings.max_sentences} per request")
-        for i, sentence in enumerate(sentences):
-            if len(sentence) > settings.max_chars:
-                raise HTTPException(413, f"sentences[{i}] has {len(sentence)} characters: at most {settings.max_chars}")
-            try:
-                sentence.encode("utf-8")
-            except UnicodeEncodeError:  # JSON can spell a lone surrogate (\ud800), which is not text
-                raise HTTPException(422, f"sentences[{i}]: not valid Unicode text (a lone surrogate)") from None
+            raise HTTPException(413, f"{len(sentences)} {field}: at most {settings.max_sentences} per request")
+        for i, item in enumerate(sentences):
+            for j, sentence in enumerate(item if texts == 2 else [item]):
+                where = f"{field}[{i}]" + (f"[{j}]" if texts == 2 else "")
+                if len(sentence) > settings.max_chars:
+                    raise HTTPException(413, f"{where} has {len(sentence)} characters: at most {settings.max_chars}")
+                try:
+                    sentence.encode("utf-8")
+                except UnicodeEncodeError:  # JSON can spell a lone surrogate (\ud800), which is not text
+                    raise HTTPException(422, f"{where}: not valid Unicode text (a lone surrogate)") from None
         answer = asyncio.ensure_future(app.state.batcher.predict(sentences))
         gone = asyncio.ensure_future(client_gone(request))
         await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -552,8 +573,10 @@ def create_app(predictor: ColaPredictor, settings: Settings) -> FastAPI:
     @app.get("/health")
     async def health() -> dict:
         """Whether the model is loaded and answering, which checkpoint it is (run folder and file name, the
-        start of its sha256), its val MCC and base model."""
-        return {"ready": getattr(app.state, "ready", False), **facts, "backend": settings.backend}
+        start of its sha256), its validation score (metric and score) and base model; its task, labels and
+        texts (["sentence"], or two names for a model of pairs)."""
+        return {"ready": getattr(app.state, "ready", False), **facts, "backend": settings.backend,
+                "labels": list(predictor.labels), "texts": text_names}
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
@@ -591,7 +614,7 @@ def app_from_environment() -> FastAPI:
     exit_with_supervisor(int(os.environ[SUPERVISOR_VARIABLE]))
     settings = Settings(**json.loads(os.environ[SETTINGS_VARIABLE]))
     GuardedH11Protocol.configure(settings)
-    return create_app(ColaPredictor(settings.checkpoint, backend=settings.backend), settings)
+    return create_app(Predictor(settings.checkpoint, backend=settings.backend), settings)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -688,7 +711,7 @@ def main() -> None:
         sock = listen(args.host, args.port)  # before the slow part
         # Loaded here even with --workers: a bad checkpoint fails in one line, and the ONNX export is
         # built once, before the workers would each build it.
-        predictor = ColaPredictor(checkpoint, backend=settings.backend)
+        predictor = Predictor(checkpoint, backend=settings.backend)
     except START_UP_ERRORS as e:
         sys.exit(f"error: {e}")
     settings.checkpoint = str(checkpoint)
