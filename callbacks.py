@@ -61,7 +61,8 @@ def ends_an_epoch(trainer: Trainer) -> bool:
 
 
 class BestAndLastCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint that saves last.ckpt after every validation. Lightning 2.6 saves it only where it also
+    """ModelCheckpoint that saves the best checkpoint without the optimizer's state, and last.ckpt (with it)
+    after every validation. Lightning 2.6 saves last.ckpt only where it also
     saved a best checkpoint: once val_mcc stopped improving, last.ckpt stayed at the best epoch, and a run
     killed later resumed from there, losing every epoch since. (Lightning saves at the end of the training
     epoch, after its validation, or at the end of a validation run within an epoch.)"""
@@ -77,6 +78,16 @@ class BestAndLastCheckpoint(ModelCheckpoint):
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._also_save_last(trainer, not self._should_save_on_train_epoch_end(trainer), super().on_validation_end, pl_module)
+
+    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        # The best checkpoint holds what inference, exports and soups need, not AdamW's moments (twice the weights:
+        # a 1.31 GB best checkpoint of a 110M model is 0.44 GB without them); last.ckpt keeps all a resume needs.
+        full = self.save_weights_only
+        self.save_weights_only = full or filepath != self.last_model_path  # set before a save of last.ckpt
+        try:
+            super()._save_checkpoint(trainer, filepath)
+        finally:
+            self.save_weights_only = full
 
     def _also_save_last(self, trainer: Trainer, saves_here: bool, save: Any, pl_module: LightningModule) -> None:
         saves_here = saves_here and not self._should_skip_saving_checkpoint(trainer)

@@ -21,7 +21,7 @@ import zlib
 from pathlib import Path
 from typing import Optional
 
-LOG_DIR = Path("logs/cola")  # TensorBoardLogger's save_dir/name as train.py sets them
+LOG_DIR = Path("logs/cola")  # TensorBoardLogger's save_dir/name as train.py sets them for CoLA (logs/TASK for others)
 SLURM_JOB_FILE = "slurm_job_id"  # in a run folder: the SLURM job that trains it, so that a requeued job finds it
 SWEEP_FILE = "tune.json"  # in a run folder of a tune.py trial: {"study", "trial", "state": running, pruned or complete}
 
@@ -215,8 +215,14 @@ def sweep_of(run_dir: Path) -> Optional[dict]:
     return None
 
 
+def best_score(metrics: dict) -> float:
+    """A run's best validation score in its metrics.json: best_val_mcc, best_val_accuracy... as its "monitor" says
+    (runs from before other tasks have no monitor: theirs was val_mcc)."""
+    return float(metrics[f"best_{metrics.get('monitor', 'val_mcc')}"])
+
+
 def best_trial_checkpoint(log_dir: Path, study: str) -> Optional[Path]:
-    """The best checkpoint of the study's best finished trial under log_dir (by metrics.json, whose best_val_mcc
+    """The best checkpoint of the study's best finished trial under log_dir (by metrics.json, whose best score
     is the trial's value in Optuna; of equals the first trial), or None if none has finished; pruned trials never count."""
     best, best_key = None, (float("-inf"), 0)
     for number in run_numbers(log_dir):
@@ -225,8 +231,8 @@ def best_trial_checkpoint(log_dir: Path, study: str) -> Optional[Path]:
         if not sweep or sweep.get("study") != study or sweep.get("state") != "complete":
             continue
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError, CheckpointError):
-            mcc = float(json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))["best_val_mcc"])
-            checkpoint, key = best_checkpoint_of_run(run_dir), (mcc, -int(sweep["trial"]))
+            score = best_score(json.loads((run_dir / "metrics.json").read_text(encoding="utf-8")))
+            checkpoint, key = best_checkpoint_of_run(run_dir), (score, -int(sweep["trial"]))
             if checkpoint is not None and key > best_key:
                 best, best_key = checkpoint, key
     return best

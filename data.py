@@ -322,13 +322,13 @@ class ResumableDataLoader(DataLoader):
     process skips as many of its own batches.
 
     (Lightning's own mechanism, a DataLoader with state_dict()/load_state_dict(), is silently skipped in
-    Lightning 2.6 when configure_optimizers reads trainer.estimated_stepping_batches, as ColaModel's does:
+    Lightning 2.6 when configure_optimizers reads trainer.estimated_stepping_batches, as TextClassifier's does:
     that sets up the training DataLoader before the checkpoint is restored, and it is never set up again.)
     """
 
     def __init__(self, *args, batches_done: Callable[[], int] = lambda: 0, **kwargs) -> None:
         # Its own generator (which only seeds worker processes): iterating must not draw from the global one,
-        # whose state a checkpoint saves and restores for dropout (see ColaModel.on_save_checkpoint).
+        # whose state a checkpoint saves and restores for dropout (see TextClassifier.on_save_checkpoint).
         kwargs.setdefault("generator", torch.Generator())
         super().__init__(*args, **kwargs)
         self.batches_done = batches_done

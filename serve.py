@@ -514,9 +514,10 @@ def create_app(predictor: Predictor, settings: Settings) -> FastAPI:
     # FastAPIOffline: FastAPI, with /docs's Swagger UI (and /redoc) served from an installed package rather
     # than a CDN, so the API documentation works offline.
     app = FastAPIOffline(
-        title=f"{facts['task']} classifier", lifespan=lifespan,
-        description=f"A text classifier trained on {facts['task']} by train.py: labels {', '.join(predictor.labels)};"
-                    f" {'pairs of texts' if texts == 2 else 'single sentences'}.",
+        title="CoLA grammaticality" if facts["task"] == "cola" else f"{facts['task']}: text classification", lifespan=lifespan,
+        description="Is an English sentence grammatical? A classifier trained on CoLA by train.py." if facts["task"] == "cola"
+        else f"A classifier of {'pairs of texts' if texts == 2 else 'texts'} trained on {facts['task']} by train.py:"
+             f" labels {', '.join(predictor.labels)}.",
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
 

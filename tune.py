@@ -71,11 +71,11 @@ import yaml  # noqa: E402
 import train  # noqa: E402  (first of the slow ones: it turns a Ctrl-C during the slow imports into one line)
 from callbacks import AtomicCheckpointIO, StoppedBySignal  # noqa: E402
 from checkpoints import (  # noqa: E402
-    SWEEP_FILE, CheckpointError, best_checkpoint_of_run, claim_run_version, first_line, load_checkpoint, newest_checkpoint,
+    SWEEP_FILE, CheckpointError, best_checkpoint_of_run, best_score, claim_run_version, first_line, load_checkpoint, newest_checkpoint,
 )
-from data import ColaDataModule, DataError, OptionError  # noqa: E402
+from data import DataError, OptionError, TextDataModule  # noqa: E402
 from hub import HubError  # noqa: E402
-from model import ColaModel, NonFiniteLossError  # noqa: E402
+from model import NonFiniteLossError, TextClassifier  # noqa: E402
 
 import optuna  # noqa: E402  (after train: see above)
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -101,7 +101,7 @@ class SweepError(Exception):
 
 
 class ReportToTrial(Callback):
-    """Tells the trial each epoch's val_mcc and stops the run when the pruner discards it; marks the run folder
+    """Tells the trial each epoch's score (val_mcc for CoLA: the monitored metric) and stops the run when the pruner discards it; marks the run folder
     as this study's trial (checkpoints.py reads the mark: a sweep's best trial, never a pruned one, is served)."""
 
     def __init__(self, trial: Trial, study: str) -> None:
@@ -115,11 +115,12 @@ class ReportToTrial(Callback):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        val_mcc, epoch = float(trainer.callback_metrics["val_mcc"]), trainer.current_epoch + 1
-        self.trial.report(val_mcc, epoch)
+        monitor = trainer.checkpoint_callback.monitor
+        score, epoch = float(trainer.callback_metrics[monitor]), trainer.current_epoch + 1
+        self.trial.report(score, epoch)
         if self.trial.should_prune():
             mark(self.run_dir, self.study, self.trial.number, "pruned")
-            raise optuna.TrialPruned(f"val_mcc {val_mcc:.4f} after epoch {epoch}")
+            raise optuna.TrialPruned(f"{monitor} {score:.4f} after epoch {epoch}")
 
 
 class Sweep:
@@ -169,7 +170,7 @@ class Sweep:
 
     def stop_when_done(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if not trial.user_attrs.get("unused"):
-            print(trial_line(trial), file=sys.stderr)
+            print(trial_line(trial, monitored(study)), file=sys.stderr)
         if self.done(study):
             study.stop()
 
@@ -182,7 +183,7 @@ def mark(run_dir: Path, study: str, number: int, state: str) -> None:
 def finished(trial: Trial, run_dir: Path) -> float:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     trial.set_user_attr("checkpoint", metrics["best_model_path"])
-    return metrics["best_val_mcc"]
+    return best_score(metrics)
 
 
 class NotNeeded(Exception):
@@ -321,15 +322,20 @@ def open_storage(url: str, heartbeat_seconds: int) -> RDBStorage:
             raise SweepError(f"--storage {given}: cannot open the study there: {first_line(e)}") from None
 
 
-def trial_line(trial: FrozenTrial) -> str:
+def trial_line(trial: FrozenTrial, monitor: str) -> str:
     values = trial.intermediate_values
-    best = f"val MCC {max(values.values()):.4f}" if values else "no validation"
+    best = f"{monitor} {max(values.values()):.4f}" if values else "no validation"
     state = "diverged (loss not finite)" if trial.user_attrs.get("diverged") else trial.state.name.lower()
     return f"trial {trial.number} (seed {trial.user_attrs.get('seed')}): {state}, {best} after {len(values)} epoch(s)"
 
 
+def monitored(study: optuna.Study) -> str:
+    """The metric the study's trials are scored by (studies from before other tasks: CoLA's val_mcc)."""
+    return study.user_attrs.get("monitor", "val_mcc")
+
+
 def best_trial(trials: list[FrozenTrial]) -> Optional[FrozenTrial]:
-    """The complete trial with the highest val MCC, of equals the first (as checkpoints.py picks it)."""
+    """The complete trial with the highest score (val MCC for CoLA), of equals the first (as checkpoints.py picks it)."""
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
 
@@ -341,7 +347,7 @@ def format_cell(value: Any) -> str:
 def print_table(study: optuna.Study, export: bool = True) -> None:
     trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("unused")]
     names = sorted({name for t in trials for name in t.params})
-    print("\n| trial | seed | " + "".join(f"{n} | " for n in names) + "best val MCC | epochs | state | minutes | run folder |")
+    print("\n| trial | seed | " + "".join(f"{n} | " for n in names) + f"best {monitored(study)} | epochs | state | minutes | run folder |")
     print("| ---: " * (2 + len(names)) + "| ---: | ---: | --- | ---: | --- |")
     for t in trials:
         values = t.intermediate_values
@@ -361,7 +367,7 @@ def print_table(study: optuna.Study, export: bool = True) -> None:
         train.export_for_inference(str(checkpoint))
     pruned = sum(t.state == TrialState.PRUNED for t in trials)
     finished = sum(t.state in FINISHED for t in trials)
-    print(f"\n{finished} trials, {pruned} pruned. Best: trial {best.number}, val MCC {best.value:.4f}: {checkpoint}")
+    print(f"\n{finished} trials, {pruned} pruned. Best: trial {best.number}, {monitored(study)} {best.value:.4f}: {checkpoint}")
     if export:  # else the soup comes next, and is what they pick
         print_next_steps(checkpoint)
 
@@ -399,39 +405,41 @@ def make_soup(study: optuna.Study) -> None:
                                  " from one starting point average; keep it out of the search space")
     # Scored as training validates: the same model class, data module, metric and split.
     hyper_parameters = {k: v for k, v in first["hyper_parameters"].items() if not k.startswith("_")}
-    model = ColaModel(**hyper_parameters)
-    datamodule = ColaDataModule(**{k: v for k, v in first["datamodule_hyper_parameters"].items() if not k.startswith("_")})
+    model = TextClassifier(**hyper_parameters)
+    datamodule = TextDataModule(**{k: v for k, v in first["datamodule_hyper_parameters"].items() if not k.startswith("_")})
+    monitor = train.monitored_metric(datamodule.hparams.task, datamodule.hparams.metric)  # as the trials were picked
     trainer = Trainer(devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       plugins=[AtomicCheckpointIO()])
 
-    def val_mcc(members: list[int]) -> float:
-        """The val MCC of these trials' average, which the model then holds."""
+    def val_score(members: list[int]) -> float:
+        """The validation score (val MCC for CoLA) of these trials' average, which the model then holds."""
         model.load_state_dict({
             name: sum(loaded[n]["state_dict"][name] for n in members) / len(members) if tensor.is_floating_point() else tensor
             for name, tensor in first["state_dict"].items()
         })
-        return trainer.validate(model, datamodule=datamodule, verbose=False)[0]["val_mcc"]
+        return trainer.validate(model, datamodule=datamodule, verbose=False)[0][monitor]
 
-    scores = {number: val_mcc([number]) for number in loaded}
+    scores = {number: val_score([number]) for number in loaded}
     order = sorted(loaded, key=lambda number: (-scores[number], number))
-    best, soup, soup_mcc = order[0], [order[0]], scores[order[0]]
-    print("\n| trial | seed | its val MCC | the soup's with it | in the soup |\n| ---: | ---: | ---: | ---: | --- |")
-    print(f"| {best} | {seeds[best]} | {soup_mcc:.4f} | {soup_mcc:.4f} | yes (the best) |")
+    best, soup, soup_score = order[0], [order[0]], scores[order[0]]
+    print(f"\n| trial | seed | its {monitor} | the soup's with it | in the soup |\n| ---: | ---: | ---: | ---: | --- |")
+    print(f"| {best} | {seeds[best]} | {soup_score:.4f} | {soup_score:.4f} | yes (the best) |")
     for number in order[1:]:
-        mcc = val_mcc([*soup, number])
-        if mcc >= soup_mcc:  # the greedy rule: a trial that lowers the soup's val MCC stays out
-            soup, soup_mcc = [*soup, number], mcc
-        print(f"| {number} | {seeds[number]} | {scores[number]:.4f} | {mcc:.4f} | {'yes' if number in soup else 'no'} |")
-    val_mcc(soup)  # the soup's weights into the model
+        score = val_score([*soup, number])
+        if score >= soup_score:  # the greedy rule: a trial that lowers the soup's score stays out
+            soup, soup_score = [*soup, number], score
+        print(f"| {number} | {seeds[number]} | {scores[number]:.4f} | {score:.4f} | {'yes' if number in soup else 'no'} |")
+    val_score(soup)  # the soup's weights into the model
     log_dir = saved[best].parent.parent.parent
     run_dir = log_dir / claim_run_version(log_dir)
-    path = run_dir / "checkpoints" / f"soup-val_mcc={soup_mcc:.4f}.ckpt"
+    path = run_dir / "checkpoints" / f"soup-{monitor}={soup_score:.4f}.ckpt"
     trainer.save_checkpoint(path, weights_only=True)  # as training saves one (config, tokenizer), without optimizer state
     shutil.copy(saved[best].parent.parent / "hparams.yaml", run_dir / "hparams.yaml")
-    trials = [{"trial": n, "seed": seeds[n], "val_mcc": scores[n], "checkpoint": str(saved[n]), "in_soup": n in soup} for n in order]
-    metrics = {"best_val_mcc": soup_mcc, "best_model_path": str(path), "soup": {"study": study.study_name, "trials": trials}}
+    trials = [{"trial": n, "seed": seeds[n], monitor: scores[n], "checkpoint": str(saved[n]), "in_soup": n in soup} for n in order]
+    metrics = {"monitor": monitor, f"best_{monitor}": soup_score, "best_model_path": str(path),
+               "soup": {"study": study.study_name, "trials": trials}}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(f"\nSoup of trials {', '.join(map(str, soup))} ({len(soup)} of {len(order)}): val MCC {soup_mcc:.4f}, the best"
+    print(f"\nSoup of trials {', '.join(map(str, soup))} ({len(soup)} of {len(order)}): {monitor} {soup_score:.4f}, the best"
           f" trial alone {scores[best]:.4f}: {path}")
     train.export_for_inference(str(path))
     print_next_steps(path, " (the newest run folder)")
@@ -466,6 +474,7 @@ def main() -> None:
     command = {"train_args": train_args, "search_space": space}
     if "command" not in study.user_attrs:
         study.set_user_attr("command", command)
+        study.set_user_attr("monitor", train.monitored_metric(config["data"]["task"], config["data"]["metric"]))
     elif study.user_attrs["command"] != command:
         raise SweepError(f"study {options.study!r} in {options.storage} ran other options: give the same ones, or a new --study")
     # A trial whose worker died (kill -9, out of memory, a machine lost) stays RUNNING in the storage, and done()

@@ -1,4 +1,4 @@
-"""Inference speed and quality: plain transformers against ColaPredictor's backends, and cold start.
+"""Inference speed and quality: plain transformers against Predictor's backends, and cold start.
 
     python benchmarks/inference_speed.py --checkpoint logs/cola/version_0/checkpoints/best-....ckpt \
         --sentences ../shared/data/cola/dev.tsv
@@ -8,7 +8,7 @@ batches of 64 over the whole GLUE TSV; p50/p95 latency of one-sentence calls ove
 --loop_limit sentences; val MCC of the predictions against the file's labels; and the largest
 difference of its probabilities from the reference row's, plain transformers in PyTorch fp32.
 Cold start is process start to printed answer of `python inference.py`, median of --repeats runs,
-against the seed approach (`ColaModel.load_from_checkpoint`, which imports Lightning and rebuilds
+against the seed approach (`TextClassifier.load_from_checkpoint`, which imports Lightning and rebuilds
 the tokenizer from the original model).
 """
 
@@ -34,20 +34,20 @@ sys.path.insert(0, str(REPO))
 from data import DataError, read_glue_tsv  # noqa: E402
 from checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint  # noqa: E402
 from export import load_torch_model, model_facts  # noqa: E402
-from inference import BATCH_SIZE, ColaPredictor, InputError  # noqa: E402
+from inference import BATCH_SIZE, Predictor, InputError  # noqa: E402
 
 REFERENCE = "HF transformers, PyTorch (reference)"
 OURS = {
-    "torch": "ColaPredictor, PyTorch (--backend torch)",
-    "onnx": "ColaPredictor, ONNX Runtime fp32 (default)",
-    "onnx-int8": "ColaPredictor, ONNX Runtime int8 (--backend onnx-int8)",
+    "torch": "Predictor, PyTorch (--backend torch)",
+    "onnx": "Predictor, ONNX Runtime fp32 (default)",
+    "onnx-int8": "Predictor, ONNX Runtime int8 (--backend onnx-int8)",
 }
 SENTENCE = "The boy is sitting on a bench."
 SEED_APPROACH = """
 import sys, torch
 from transformers import AutoTokenizer
-from model import ColaModel
-model = ColaModel.load_from_checkpoint(sys.argv[1], map_location="cpu", weights_only=False).eval()
+from model import TextClassifier
+model = TextClassifier.load_from_checkpoint(sys.argv[1], map_location="cpu", weights_only=False).eval()
 tokenizer = AutoTokenizer.from_pretrained(model.hparams.model_name_or_path)
 with torch.no_grad():
     probs = model.model(**tokenizer([sys.argv[2]], return_tensors="pt")).logits.softmax(-1)[0]
@@ -73,7 +73,7 @@ def reference_predict(checkpoint: str) -> Predict:
 
 
 def our_predict(checkpoint: str, backend: str) -> Predict:
-    predictor = ColaPredictor(checkpoint, backend=backend)  # builds the ONNX caches if missing: not timed
+    predictor = Predictor(checkpoint, backend=backend)  # builds the ONNX caches if missing: not timed
     return lambda sentences: np.array([list(r["probabilities"].values()) for r in predictor.predict(sentences)])
 
 

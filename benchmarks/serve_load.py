@@ -10,7 +10,7 @@ a kept-alive connection) for --warmup seconds, not counted, then --seconds, coun
 the Retry-After it was given, as a well-behaved client does, then sends again.
 It prints requests/s, sentences/s, p50/p95/p99 latency of the accepted (200) requests, the share
 refused (503), other errors and the server's peak RSS (all its processes) per row, batched against
-unbatched, and the served sentences/s as a share of ColaPredictor.predict's in this process over the same
+unbatched, and the served sentences/s as a share of Predictor.predict's in this process over the same
 sentences (batches of 64, sorted by length): what the HTTP layer and batching per request cost. The
 server's CPU ms per sentence (all its threads and workers) tells the same on a machine shared with
 other work, where wall-clock rates depend on what else runs.
@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from data import DataError, read_glue_tsv  # noqa: E402
 from checkpoints import CheckpointError  # noqa: E402
-from inference import ColaPredictor, InputError  # noqa: E402
+from inference import Predictor, InputError  # noqa: E402
 
 # serve.py options of each row.
 ROWS = {
@@ -190,13 +190,13 @@ class PeakRss(threading.Thread):
 
 
 def in_process_sentences_per_s(checkpoint: str, sentences: list[str]) -> float:
-    """ColaPredictor.predict over all the sentences at once: the ceiling the server is measured against."""
-    predictor = ColaPredictor(checkpoint)
+    """Predictor.predict over all the sentences at once: the ceiling the server is measured against."""
+    predictor = Predictor(checkpoint)
     predictor.predict(sentences[:64])  # warm-up
     started, cpu_started = time.perf_counter(), time.process_time()
     predictor.predict(sentences)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    print(f"ColaPredictor.predict in one process: {len(sentences) / seconds:.0f} sentences/s,"
+    print(f"Predictor.predict in one process: {len(sentences) / seconds:.0f} sentences/s,"
           f" {1000 * cpu_seconds / len(sentences):.2f} CPU ms per sentence")
     return len(sentences) / seconds
 

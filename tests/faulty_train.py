@@ -20,7 +20,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # as `python train.py` would
 
-from model import ColaModel  # noqa: E402  (the class train.py will use: the same module object)
+from model import TextClassifier  # noqa: E402  (the class train.py will use: the same module object)
 
 
 def wait(reason: str) -> None:
@@ -40,7 +40,7 @@ if fault in ("pause_before_step", "nan_before_step"):
             else:
                 wait(f"before step {self.global_step + 1}")
 
-    ColaModel.on_train_batch_start = on_train_batch_start
+    TextClassifier.on_train_batch_start = on_train_batch_start
 elif fault == "pause_in_save":
     real_save = torch.save
 

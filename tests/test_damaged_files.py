@@ -13,7 +13,7 @@ import torch
 import export
 from checkpoints import CheckpointError
 from conftest import flip_bytes
-from inference import ColaPredictor
+from inference import Predictor
 from test_inference import SENTENCES, one_line_error, run_inference
 
 
@@ -26,7 +26,7 @@ def exported(input_sensitive_checkpoint, tmp_path_factory) -> Path:
     """The input-sensitive checkpoint (damaged weights change its answers) and its two exports, built once."""
     path = tmp_path_factory.mktemp("exported") / "model.ckpt"
     shutil.copy(input_sensitive_checkpoint, path)
-    ColaPredictor(path, "onnx-int8")
+    Predictor(path, "onnx-int8")
     return path
 
 
@@ -64,11 +64,11 @@ def damage_export(path: Path, how: str) -> None:
 @pytest.mark.parametrize("how", ["classifier-weights", "tokenizer-metadata", "header", "digest", "cut-short", "empty"])
 def test_a_damaged_export_is_exported_again(checkpoint, how, capfd):
     """On the int8 export, which is rebuilt in a second (the fp32 one takes ~15 s: the command line's test)."""
-    expected = probabilities(ColaPredictor(checkpoint, "onnx-int8").predict(SENTENCES))
+    expected = probabilities(Predictor(checkpoint, "onnx-int8").predict(SENTENCES))
     export_path = checkpoint.with_suffix(".int8.onnx")
     damage_export(export_path, how)
     capfd.readouterr()
-    assert probabilities(ColaPredictor(checkpoint, "onnx-int8").predict(SENTENCES)) == pytest.approx(expected, abs=1e-6)
+    assert probabilities(Predictor(checkpoint, "onnx-int8").predict(SENTENCES)) == pytest.approx(expected, abs=1e-6)
     rebuilt = f"again: the cached {export_path} is {export.EXPORT_DAMAGED}..."
     assert [line for line in capfd.readouterr().err.splitlines() if line.endswith(rebuilt)], "rebuilt without a word"
     assert {p.name for p in checkpoint.parent.iterdir()} == {"model.ckpt", "model.onnx", "model.int8.onnx"}  # nothing left beside
@@ -126,7 +126,7 @@ def test_a_damaged_checkpoint_is_refused_in_one_line_before_it_is_exported_or_se
     damage_checkpoint(checkpoint, how)
     for backend in ("onnx", "onnx-int8", "torch"):
         with pytest.raises(CheckpointError) as error:
-            ColaPredictor(checkpoint, backend)
+            Predictor(checkpoint, backend)
         message = str(error.value)
         assert message.startswith(f"{checkpoint}: ") and "\n" not in message
         assert ("damaged: " in message or "not a checkpoint: " in message), message
@@ -145,14 +145,14 @@ def test_a_folder_where_the_export_goes_is_one_line_before_any_export(checkpoint
     export_path.unlink()
     export_path.mkdir()
     with pytest.raises(CheckpointError, match=f"^{export_path}: a folder or other non-file is where the ONNX export of model.ckpt goes; move it away$"):
-        ColaPredictor(checkpoint, backend)
+        Predictor(checkpoint, backend)
 
 
 def test_a_checkpoint_that_is_no_regular_file_is_one_line(tmp_path):
     fifo = tmp_path / "model.ckpt"
     os.mkfifo(fifo)  # opening it would wait for a writer forever
     with pytest.raises(CheckpointError, match=f"^{fifo}: not a checkpoint: not a regular file"):
-        ColaPredictor(fifo)
+        Predictor(fifo)
 
 
 @pytest.mark.parametrize("suffix", [".onnx", ".int8.onnx"])
@@ -161,4 +161,4 @@ def test_a_damaged_export_given_as_the_model_is_refused_in_one_line(checkpoint, 
     export_path = checkpoint.with_suffix(suffix)
     damage_export(export_path, "classifier-weights")
     with pytest.raises(CheckpointError, match=f"^{export_path}: damaged or made by an older version .*; export it again"):
-        ColaPredictor(export_path, "onnx-int8" if suffix == ".int8.onnx" else "onnx")
+        Predictor(export_path, "onnx-int8" if suffix == ".int8.onnx" else "onnx")

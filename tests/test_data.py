@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from data import (
-    ColaDataModule,
+    TextDataModule,
     DataError,
     LengthGroupedSampler,
     PadToBucket,
@@ -85,8 +85,8 @@ def test_non_utf8_and_missing_file(tmp_path):
         load_local_cola(tmp_path, "validation")
 
 
-def make_datamodule(model_dir, data_dir, **kwargs) -> ColaDataModule:
-    datamodule = ColaDataModule(model_name_or_path=str(model_dir), data_dir=str(data_dir), **kwargs)
+def make_datamodule(model_dir, data_dir, **kwargs) -> TextDataModule:
+    datamodule = TextDataModule(model_name_or_path=str(model_dir), data_dir=str(data_dir), **kwargs)
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule
@@ -281,7 +281,7 @@ def test_sentences_are_cut_to_the_models_position_embeddings(tmp_path, tiny_mode
 
     (tmp_path / "dev.tsv").write_bytes((tiny_data_dir / "dev.tsv").read_bytes())
     (tmp_path / "train.tsv").write_text("src\t1\t\t" + "the dog sat " * 40 + ".\n" + "src\t0\t\tA cat ran.\n")
-    datamodule = ColaDataModule(model_name_or_path=str(tiny_model_dir), data_dir=str(tmp_path))
+    datamodule = TextDataModule(model_name_or_path=str(tiny_model_dir), data_dir=str(tmp_path))
     datamodule.setup()
     lengths = [len(ids) for ids in datamodule.splits["train"]["input_ids"]]
     assert lengths == [64, 6]

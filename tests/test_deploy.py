@@ -1,5 +1,5 @@
 """Serving without PyTorch: an ONNX export as the model, a venv with only requirements-serve.txt, and the
-image (Dockerfile) built and run with podman, each answering /predict exactly as ColaPredictor does."""
+image (Dockerfile) built and run with podman, each answering /predict exactly as Predictor does."""
 
 import json
 import os
@@ -17,7 +17,7 @@ import pytest
 from benchmarks import serve_load
 from checkpoints import CheckpointError
 from conftest import REPO
-from inference import ColaPredictor, InputError
+from inference import Predictor, InputError
 
 pytestmark = pytest.mark.slow  # podman image builds and fresh venvs: the fast tier leaves them to CI
 
@@ -44,7 +44,7 @@ def bundle(best_checkpoint, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def expected(best_checkpoint) -> list[dict]:
-    return ColaPredictor(best_checkpoint).predict(SENTENCES)
+    return Predictor(best_checkpoint).predict(SENTENCES)
 
 
 @pytest.fixture(scope="module")
@@ -59,26 +59,26 @@ def wheels(tmp_path_factory) -> Path:
 
 def test_an_export_or_its_folder_predicts_as_the_checkpoint(best_checkpoint, bundle, expected, trained, tiny_model_dir):
     for model in (bundle, next(bundle.glob("*.onnx"))):
-        predictor = ColaPredictor(model)
+        predictor = Predictor(model)
         assert predictor.predict(SENTENCES) == expected
         assert predictor.base_model == str(tiny_model_dir)  # the export names it: an image has no hparams.yaml
 
 
 def test_a_bad_export_is_one_line(bundle, tmp_path):
     with pytest.raises(InputError, match="--backend torch runs a checkpoint"):
-        ColaPredictor(bundle, backend="torch")
+        Predictor(bundle, backend="torch")
     with pytest.raises(CheckpointError, match="0 exports for --backend onnx-int8 here"):
-        ColaPredictor(bundle, backend="onnx-int8")
+        Predictor(bundle, backend="onnx-int8")
     (tmp_path / "two").mkdir()
     for name in ("a.onnx", "b.onnx"):
         shutil.copy(next(bundle.glob("*.onnx")), tmp_path / "two" / name)
     with pytest.raises(CheckpointError, match=r"2 exports for --backend onnx here \(a.onnx, b.onnx\)"):
-        ColaPredictor(tmp_path / "two")
+        Predictor(tmp_path / "two")
     (tmp_path / "broken.onnx").write_bytes(b"not a model")
     with pytest.raises(CheckpointError, match="broken.onnx: not a loadable ONNX model"):
-        ColaPredictor(tmp_path / "broken.onnx")
+        Predictor(tmp_path / "broken.onnx")
     with pytest.raises(CheckpointError, match="missing.onnx: exported model not found"):
-        ColaPredictor(tmp_path / "missing.onnx")
+        Predictor(tmp_path / "missing.onnx")
 
 
 def test_an_onnx_file_without_this_projects_metadata_is_one_line(tmp_path):
@@ -91,13 +91,13 @@ def test_an_onnx_file_without_this_projects_metadata_is_one_line(tmp_path):
     )
     onnx.save(onnx.helper.make_model(graph), tmp_path / "other.onnx")
     with pytest.raises(CheckpointError, match="other.onnx: not an export of this project"):
-        ColaPredictor(tmp_path / "other.onnx")
+        Predictor(tmp_path / "other.onnx")
 
 
 def heavy_modules_after_serving(python: str, model: Path) -> list[str]:
     """The heavy libraries imported by `import serve` and a prediction on model, in a fresh python."""
     code = (
-        "import json, sys, serve, inference; inference.ColaPredictor(sys.argv[1]).predict(['The dog sat.']);"
+        "import json, sys, serve, inference; inference.Predictor(sys.argv[1]).predict(['The dog sat.']);"
         f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r})))"
     )
     result = subprocess.run([python, "-c", code, str(model)], cwd=REPO, capture_output=True, text=True, timeout=120)

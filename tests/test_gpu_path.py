@@ -16,7 +16,7 @@ from pytorch_lightning import Callback, Trainer
 import model as model_module
 import train
 from conftest import REPO, run_train, tiny_train_args
-from model import ColaModel, NonFiniteLossError
+from model import TextClassifier, NonFiniteLossError
 from test_data import make_datamodule
 
 # Each of these makes the CPU wait for the GPU when called on a CUDA tensor.
@@ -50,9 +50,9 @@ def test_training_steps_read_no_tensor_between_log_steps(tmp_path, monkeypatch, 
     def on_train_batch_start(self, batch, batch_idx):
         step[0] = self.global_step + 1
 
-    monkeypatch.setattr(ColaModel, "on_train_batch_start", on_train_batch_start, raising=False)
-    real_end = ColaModel.on_train_end
-    monkeypatch.setattr(ColaModel, "on_train_end", lambda self: (step.__setitem__(0, 0), real_end(self)))
+    monkeypatch.setattr(TextClassifier, "on_train_batch_start", on_train_batch_start, raising=False)
+    real_end = TextClassifier.on_train_end
+    monkeypatch.setattr(TextClassifier, "on_train_end", lambda self: (step.__setitem__(0, 0), real_end(self)))
     for name in SYNCING_METHODS:
         monkeypatch.setattr(torch.Tensor, name, counting(name))
     monkeypatch.chdir(tmp_path)
@@ -91,7 +91,7 @@ def test_a_non_finite_loss_never_reaches_the_weights(monkeypatch, tiny_model_dir
 
     monkeypatch.setattr(model_module, "logits_and_loss", nan_at_step_2)
     torch.manual_seed(0)
-    model = ColaModel(model_name_or_path=str(tiny_model_dir), learning_rate=1e-2)
+    model = TextClassifier(model_name_or_path=str(tiny_model_dir), learning_rate=1e-2)
     datamodule = make_datamodule(tiny_model_dir, tiny_data_dir, batch_size=4)
     before = WeightsBefore(step=2)
     trainer = Trainer(max_epochs=1, log_every_n_steps=4, logger=False, enable_checkpointing=False,
@@ -114,7 +114,7 @@ def test_the_guard_also_stops_before_a_checkpoint_is_saved(monkeypatch, tiny_mod
     real = model_module.logits_and_loss
     monkeypatch.setattr(model_module, "logits_and_loss",
                         lambda m, p, b: (lambda out: (out[0], out[1] * float("nan")))(real(m, p, b)))
-    model = ColaModel(model_name_or_path=str(tiny_model_dir))
+    model = TextClassifier(model_name_or_path=str(tiny_model_dir))
     datamodule = make_datamodule(tiny_model_dir, tiny_data_dir, batch_size=16)  # 3 steps
     trainer = Trainer(max_epochs=1, log_every_n_steps=50, logger=False, default_root_dir=tmp_path,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
@@ -128,8 +128,8 @@ def test_compiled_model_computes_the_eager_loss_and_gradients(tiny_model_dir, ti
     datamodule = make_datamodule(tiny_model_dir, tiny_data_dir, batch_size=8, pad_to_buckets=True)
     batch = next(iter(datamodule.train_dataloader()))
     torch.manual_seed(0)
-    eager = ColaModel(model_name_or_path=str(tiny_model_dir))
-    compiled = ColaModel(model_name_or_path=str(tiny_model_dir), compile=True)
+    eager = TextClassifier(model_name_or_path=str(tiny_model_dir))
+    compiled = TextClassifier(model_name_or_path=str(tiny_model_dir), compile=True)
     compiled.load_state_dict(eager.state_dict())
     results = []
     for model in (eager, compiled):  # training mode (what compiles), dropout off (its random masks differ)
@@ -158,7 +158,7 @@ def test_a_compiled_run_trains_checkpoints_resumes_and_exports(tmp_path, tiny_mo
     checkpoint = torch.load(last, map_location="cpu", weights_only=True)
     assert checkpoint["hyper_parameters"]["compile"] is True
     assert checkpoint["datamodule_hyper_parameters"]["pad_to_buckets"] is True  # linked from --model.compile
-    plain = ColaModel(model_name_or_path=str(tiny_model_dir))
+    plain = TextClassifier(model_name_or_path=str(tiny_model_dir))
     assert checkpoint["state_dict"].keys() == plain.state_dict().keys()  # the plain model's weights, no wrapper
     resumed = run_train(tmp_path, *args, "--trainer.max_epochs", "2", "--ckpt_path", str(last))
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -64,9 +64,20 @@ dataset_info:
           '1': acceptable
   - name: idx
     dtype: int32
----
-# GLUE (the CoLA configuration only: a stand-in for the tests)
 """
+# The sst2 and rte configurations, as the Hub's nyu-mll/glue card declares them: a single-sentence and a pair task.
+OTHER_TASKS = {
+    "sst2": (["sentence"], ["negative", "positive"]),
+    "rte": (["sentence1", "sentence2"], ["entailment", "not_entailment"]),
+}
+for task, (texts, names) in OTHER_TASKS.items():
+    CARD = CARD.replace("dataset_info:\n", "".join(
+        f"- config_name: {task}\n  data_files:\n" + "".join(f"  - split: {s}\n    path: {task}/{s}-*\n" for s in SIZES)
+    ) + "dataset_info:\n", 1)
+    CARD += f"- config_name: {task}\n  features:\n" + "".join(f"  - name: {t}\n    dtype: string\n" for t in texts)
+    CARD += "  - name: label\n    dtype:\n      class_label:\n        names:\n" + "".join(
+        f"          '{i}': {n}\n" for i, n in enumerate(names)) + "  - name: idx\n    dtype: int32\n"
+CARD += "---\n# GLUE (the cola, sst2 and rte configurations only: a stand-in for the tests)\n"
 
 
 def commit_folder(folder: Path) -> None:
@@ -106,6 +117,17 @@ def write_glue(folder: Path) -> dict[str, list[tuple[str, int]]]:
     for split, rows in splits.items():
         columns = {"sentence": [s for s, _ in rows], "label": [label for _, label in rows], "idx": list(range(len(rows)))}
         datasets.Dataset.from_dict(columns, features=features).to_parquet(folder / "cola" / f"{split}-00000-of-00001.parquet")
+    rng = random.Random(1)
+    for task, (texts, names) in OTHER_TASKS.items():  # label 1 when the first text names a dog
+        features = datasets.Features({**{t: datasets.Value("string") for t in texts},
+                                      "label": datasets.ClassLabel(names=names), "idx": datasets.Value("int32")})
+        (folder / task).mkdir()
+        for split, size in SIZES.items():
+            rows = [[make_sentence(rng) for _ in texts] for _ in range(size)]
+            columns = {t: [row[i] for row in rows] for i, t in enumerate(texts)}
+            columns["label"] = [-1 if split == "test" else int("dog" in row[0].lower()) for row in rows]
+            columns["idx"] = list(range(size))
+            datasets.Dataset.from_dict(columns, features=features).to_parquet(folder / task / f"{split}-00000-of-00001.parquet")
     (folder / "README.md").write_text(CARD, encoding="utf-8")
     return splits
 
@@ -294,6 +316,26 @@ def test_the_readme_first_command_trains_from_the_hub_then_from_its_cache(hub, m
     again = run([str(REPO / "train.py")], work, {**env, "HF_HUB_OFFLINE": "1"}, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (work / "logs/cola/version_1/metrics.json").is_file()
+
+
+@pytest.mark.parametrize("task", list(OTHER_TASKS))
+def test_other_glue_tasks_train_from_the_hub_and_answer_glues_test_split(hub, task, tmp_path):
+    texts, names = OTHER_TASKS[task]
+    env = user_env(hub.url, tmp_path / "hf_home")
+    train = run([str(REPO / "train.py"), "--data.task", task, *ONE_EPOCH], tmp_path, env, timeout=600)
+    assert train.returncode == 0, train.stderr[-3000:]
+    metrics = json.loads((tmp_path / f"logs/{task}/version_0/metrics.json").read_text())
+    assert metrics["monitor"] == "val_accuracy" and "val_accuracy=" in metrics["best_model_path"]
+    given = "The dog sat.\tA cat ran." if len(texts) == 2 else "The dog sat."
+    predicted = run([str(REPO / "inference.py"), "--checkpoint", f"logs/{task}", "--json", given], tmp_path, env)
+    assert predicted.returncode == 0 and json.loads(predicted.stdout)["label"] in names, predicted.stderr[-2000:]
+    leaderboard = run([str(REPO / "inference.py"), "--checkpoint", f"logs/{task}", "--glue_test"], tmp_path, env)
+    assert leaderboard.returncode == 0, leaderboard.stderr[-2000:]
+    lines = leaderboard.stdout.splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 1 + SIZES["test"]
+    # GLUE's server reads SST-2's labels as numbers, RTE's as words.
+    assert {line.split("\t")[1] for line in lines[1:]} <= ({"0", "1"} if task == "sst2" else set(names))
+    assert {"sst2": "SST-2.tsv", "rte": "RTE.tsv"}[task] in leaderboard.stderr
 
 
 def fails_in_one_line(result: subprocess.CompletedProcess, cwd: Path) -> str:

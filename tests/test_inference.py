@@ -16,7 +16,7 @@ from transformers import BertConfig, PreTrainedTokenizerFast
 
 from conftest import REPO, make_sentence
 from checkpoints import CheckpointError
-from inference import ColaPredictor, InputError, export_hf, find_best_checkpoint
+from inference import Predictor, InputError, export_hf, find_best_checkpoint
 
 SENTENCES = ["The dog sat on the mat.", "Mat the on sat dog the.", "A big cat ran quickly under the bench."]
 
@@ -36,7 +36,7 @@ def best_checkpoint(trained):
 
 @pytest.fixture(scope="module")
 def predictor(best_checkpoint):
-    return ColaPredictor(best_checkpoint)
+    return Predictor(best_checkpoint)
 
 
 def test_first_inference_after_training_needs_no_export(trained, tmp_path):
@@ -79,9 +79,9 @@ def test_batching_and_padding_do_not_change_probabilities(predictor):
 
 
 def test_matches_the_trained_lightning_module(best_checkpoint, predictor, tiny_data_dir):
-    from model import ColaModel
+    from model import TextClassifier
 
-    module = ColaModel.load_from_checkpoint(best_checkpoint, map_location="cpu", weights_only=True).eval()
+    module = TextClassifier.load_from_checkpoint(best_checkpoint, map_location="cpu", weights_only=True).eval()
     encoded = module.tokenizer(SENTENCES, padding=True, return_tensors="pt")
     with torch.no_grad():
         expected = module.model(**encoded).logits.softmax(-1)[:, 1]
@@ -92,9 +92,9 @@ def test_matches_the_trained_lightning_module(best_checkpoint, predictor, tiny_d
 def test_onnx_export_is_cached_and_matches_pytorch(best_checkpoint, predictor, tmp_path):
     onnx_file = best_checkpoint.with_suffix(".onnx")
     built_at = onnx_file.stat().st_mtime_ns
-    onnx_results = ColaPredictor(best_checkpoint).predict(SENTENCES)
+    onnx_results = Predictor(best_checkpoint).predict(SENTENCES)
     assert onnx_file.stat().st_mtime_ns == built_at  # reused, not rebuilt
-    torch_results = ColaPredictor(best_checkpoint, backend="torch").predict(SENTENCES)
+    torch_results = Predictor(best_checkpoint, backend="torch").predict(SENTENCES)
     for a, b in zip(onnx_results, torch_results):
         assert a["label"] == b["label"]
         assert a["probabilities"]["acceptable"] == pytest.approx(b["probabilities"]["acceptable"], abs=1e-4)
@@ -103,29 +103,29 @@ def test_onnx_export_is_cached_and_matches_pytorch(best_checkpoint, predictor, t
     shutil.copy(best_checkpoint, copy)
     shutil.copy(onnx_file, copy.with_suffix(".onnx"))
     os.utime(copy.with_suffix(".onnx"), ns=(built_at - 10**9, built_at - 10**9))
-    ColaPredictor(copy)
+    Predictor(copy)
     assert copy.with_suffix(".onnx").stat().st_mtime_ns == built_at - 10**9  # reused, not rebuilt
 
 
 def test_int8_backend_is_cached_and_serves_the_cli(best_checkpoint, trained, tmp_path):
     int8_file = best_checkpoint.with_suffix(".int8.onnx")
-    int8_results = ColaPredictor(best_checkpoint, backend="onnx-int8").predict(SENTENCES)
+    int8_results = Predictor(best_checkpoint, backend="onnx-int8").predict(SENTENCES)
     built_at = int8_file.stat().st_mtime_ns
-    assert ColaPredictor(best_checkpoint, backend="onnx-int8").predict(SENTENCES) == int8_results
+    assert Predictor(best_checkpoint, backend="onnx-int8").predict(SENTENCES) == int8_results
     assert int8_file.stat().st_mtime_ns == built_at  # reused, not rebuilt
     for result in int8_results:
         assert result["label"] in ("acceptable", "unacceptable")
         assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     cli = run_inference(trained[0], "--backend", "onnx-int8", "--json", SENTENCES[0])
     # Not int8_results[0]: activations are quantized per call, so the rest of a batch shifts the result a little.
-    assert json.loads(cli.stdout) == ColaPredictor(best_checkpoint, backend="onnx-int8").predict(SENTENCES[:1])[0]
+    assert json.loads(cli.stdout) == Predictor(best_checkpoint, backend="onnx-int8").predict(SENTENCES[:1])[0]
 
 
 def test_int8_follows_fp32_onnx(input_sensitive_checkpoint):
     rng = random.Random(1)
     sentences = [make_sentence(rng) for _ in range(32)]
     fp32, int8 = (
-        [r["probabilities"]["acceptable"] for r in ColaPredictor(input_sensitive_checkpoint, backend).predict(sentences)]
+        [r["probabilities"]["acceptable"] for r in Predictor(input_sensitive_checkpoint, backend).predict(sentences)]
         for backend in ("onnx", "onnx-int8")
     )
     int8_graph = onnx.load(input_sensitive_checkpoint.with_suffix(".int8.onnx")).graph
@@ -138,7 +138,7 @@ def test_int8_follows_fp32_onnx(input_sensitive_checkpoint):
 
 def test_unknown_backend_is_one_line(best_checkpoint):
     with pytest.raises(InputError, match="backend must be one of onnx, onnx-int8, torch, not 'int8'"):
-        ColaPredictor(best_checkpoint, backend="int8")
+        Predictor(best_checkpoint, backend="int8")
 
 def test_cli_arguments_file_and_stdin_agree(trained, tmp_path):
     workdir, _ = trained
@@ -190,7 +190,7 @@ def test_discovery_picks_the_best_checkpoint_of_the_latest_run(trained, tmp_path
     assert find_best_checkpoint(runs) == runs / "version_1/checkpoints" / best
     result = run_inference(tmp_path, "--json", SENTENCES[0])
     assert result.returncode == 0, result.stderr
-    assert ColaPredictor(runs / "version_1").predict([SENTENCES[0]]) == [json.loads(result.stdout)]
+    assert Predictor(runs / "version_1").predict([SENTENCES[0]]) == [json.loads(result.stdout)]
 
 
 def test_export_round_trip_through_pipeline(best_checkpoint, predictor, tmp_path):
@@ -315,7 +315,7 @@ def test_bad_checkpoints_are_refused_in_one_line(best_checkpoint, tmp_path, kind
     elif kind == "pickled-shell":
         torch.save({"state_dict": {}, "hf_config": ShellExploit(), "tokenizer_files": {}}, path)
     with pytest.raises(CheckpointError, match=str(path)):
-        ColaPredictor(path)
+        Predictor(path)
     result = run_inference(tmp_path, "--checkpoint", str(path), "Hello.")
     line = one_line_error(result)
     assert line.startswith(f"error: {path}: {message}"), line
@@ -397,9 +397,9 @@ def test_mean_pooled_checkpoint_predicts_as_trained_in_every_backend(input_sensi
         expected = [sentence_logits(model, "mean", dict(tokenizer([s], return_tensors="pt"))).softmax(-1)[0, 1].item()
                     for s in sentences]
     for backend in ("onnx", "torch"):
-        got = [r["probabilities"]["acceptable"] for r in ColaPredictor(mean_pooled, backend).predict(sentences, batch_size=5)]
+        got = [r["probabilities"]["acceptable"] for r in Predictor(mean_pooled, backend).predict(sentences, batch_size=5)]
         assert got == pytest.approx(expected, abs=1e-4), backend
-    cls_head = [r["probabilities"]["acceptable"] for r in ColaPredictor(input_sensitive_checkpoint).predict(sentences)]
+    cls_head = [r["probabilities"]["acceptable"] for r in Predictor(input_sensitive_checkpoint).predict(sentences)]
     assert max(abs(a - b) for a, b in zip(cls_head, expected)) > 0.05  # same weights, other pooling: other answers
     with pytest.raises(CheckpointError, match="mean.ckpt: trained with --model.pooling mean.*pipeline"):
         export_hf(mean_pooled, str(tmp_path / "export"))
@@ -407,7 +407,7 @@ def test_mean_pooled_checkpoint_predicts_as_trained_in_every_backend(input_sensi
 
 def test_fast_path_loads_neither_torch_nor_lightning_nor_training_code(best_checkpoint):
     code = (
-        "import sys; from inference import ColaPredictor; ColaPredictor(sys.argv[1]).predict(['The dog sat.']);"
+        "import sys; from inference import Predictor; Predictor(sys.argv[1]).predict(['The dog sat.']);"
         " print(sorted(m for m in ('torch', 'pytorch_lightning', 'transformers', 'model', 'data', 'train', 'callbacks')"
         " if m in sys.modules))"
     )
@@ -428,25 +428,25 @@ def probabilities(results):
 def test_onnx_cache_follows_the_checkpoint_content(best_checkpoint, input_sensitive_checkpoint, tmp_path, capfd):
     checkpoint, onnx_file, int8_file = (tmp_path / f"model{suffix}" for suffix in (".ckpt", ".onnx", ".int8.onnx"))
     shutil.copy(input_sensitive_checkpoint, checkpoint)
-    old_model = probabilities(ColaPredictor(checkpoint).predict(SENTENCES))
-    ColaPredictor(checkpoint, "onnx-int8")
+    old_model = probabilities(Predictor(checkpoint).predict(SENTENCES))
+    Predictor(checkpoint, "onnx-int8")
     capfd.readouterr()
     # Replaced by another checkpoint (same architecture and size class), the export newer than it by file time.
     shutil.copy(best_checkpoint, checkpoint)
     for path in (onnx_file, int8_file):
         os.utime(path, ns=(checkpoint.stat().st_mtime_ns + 10**9,) * 2)
-    new_model = probabilities(ColaPredictor(checkpoint).predict(SENTENCES))
-    assert new_model == pytest.approx(probabilities(ColaPredictor(checkpoint, "torch").predict(SENTENCES)), abs=1e-5)
+    new_model = probabilities(Predictor(checkpoint).predict(SENTENCES))
+    assert new_model == pytest.approx(probabilities(Predictor(checkpoint, "torch").predict(SENTENCES)), abs=1e-5)
     assert new_model != pytest.approx(old_model, abs=1e-3)
     stderr = [line for line in capfd.readouterr().err.splitlines() if "torchvision" not in line]
     assert stderr == [f"Exporting model.ckpt to ONNX again: the cached {onnx_file} does not match model.ckpt's content (other weights)..."]
     # The int8 copy follows: rebuilt from the new fp32 export, not served from the old model.
-    int8 = probabilities(ColaPredictor(checkpoint, "onnx-int8").predict(SENTENCES))
+    int8 = probabilities(Predictor(checkpoint, "onnx-int8").predict(SENTENCES))
     assert f"again: the cached {int8_file} does not match" in capfd.readouterr().err
     assert int8 == pytest.approx(new_model, abs=0.03)
     # A truncated export (a full disk, an interrupted copy) is rebuilt too, atomically: no file left beside.
     onnx_file.write_bytes(onnx_file.read_bytes()[:1000])
-    assert probabilities(ColaPredictor(checkpoint).predict(SENTENCES)) == pytest.approx(new_model, abs=1e-6)
+    assert probabilities(Predictor(checkpoint).predict(SENTENCES)) == pytest.approx(new_model, abs=1e-6)
     assert f"Exporting model.ckpt to ONNX again: the cached {onnx_file} is damaged or made by an older version" in capfd.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt", "model.int8.onnx", "model.onnx"]
     assert export.onnx_export(checkpoint) == onnx_file and "Exporting" not in capfd.readouterr().err
@@ -462,20 +462,20 @@ def test_read_only_run_folder_caches_the_export_in_the_user_cache(best_checkpoin
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    results = ColaPredictor(checkpoint).predict(SENTENCES)
+    results = Predictor(checkpoint).predict(SENTENCES)
     cached = tmp_path / "cache" / "mlops-one" / f"{export.file_sha256(checkpoint)}.onnx"
     assert cached.is_file() and "Exporting model.ckpt to ONNX once" in capfd.readouterr().err
     built_at = cached.stat().st_mtime_ns
-    assert ColaPredictor(checkpoint).predict(SENTENCES) == results  # once: the next call reuses it
+    assert Predictor(checkpoint).predict(SENTENCES) == results  # once: the next call reuses it
     assert cached.stat().st_mtime_ns == built_at and "Exporting" not in capfd.readouterr().err
-    ColaPredictor(checkpoint, "onnx-int8")
+    Predictor(checkpoint, "onnx-int8")
     assert sorted(p.name for p in cached.parent.iterdir()) == sorted([cached.name, cached.name.replace(".onnx", ".int8.onnx")])
     assert list(shared.iterdir()) == [checkpoint] and list((tmp_path / "tmp").iterdir()) == []  # nothing left behind
     # Nowhere to write: one line saying what to do.
     monkeypatch.setattr(export, "writable", lambda folder: False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "other-cache"))
     with pytest.raises(CheckpointError, match="cannot cache the ONNX export: .*other-cache/mlops-one is not writable; set XDG_CACHE_HOME"):
-        ColaPredictor(checkpoint)
+        Predictor(checkpoint)
 
 
 def damaged(checkpoint: dict, part: str) -> dict:
@@ -502,7 +502,7 @@ def test_damaged_model_config_or_tokenizer_is_one_line(input_sensitive_checkpoin
     torch.save(damaged(torch.load(input_sensitive_checkpoint, weights_only=True), part), path)
     for backend in ("onnx", "torch"):
         with pytest.raises(CheckpointError) as error:
-            ColaPredictor(path, backend)
+            Predictor(path, backend)
         assert "\n" not in str(error.value) and ("model config" in str(error.value) or "tokenizer" in str(error.value))
     assert list(tmp_path.iterdir()) == [path]  # no half-built export left
     if part == "tokenizer-json":  # and the command line: one line, no traceback
@@ -520,7 +520,7 @@ def test_a_damaged_newest_run_is_named_and_skipped(trained, tmp_path, metrics, c
     assert best.parent == runs / "version_0/checkpoints"
     assert capsys.readouterr().err.startswith(f"note: using {runs / 'version_0'}: the newer version_1 (its ")
     with pytest.raises(CheckpointError, match="version_1: this run folder cannot be used: "):
-        ColaPredictor(runs / "version_1")
+        Predictor(runs / "version_1")
     shutil.rmtree(runs / "version_0")  # no usable run left: stop, in one line
     with pytest.raises(CheckpointError, match="^no usable run under .*: version_1 \\(its .*\\); pass --checkpoint$"):
         find_best_checkpoint(runs)
@@ -565,7 +565,7 @@ def test_non_finite_model_output_is_an_error_entry_not_nan(input_sensitive_check
     checkpoint["state_dict"]["model.classifier.weight"][0, 0] = float("nan")
     path = tmp_path / "nan.ckpt"
     torch.save(checkpoint, path)
-    results = ColaPredictor(path).predict([SENTENCES[0], ""])
+    results = Predictor(path).predict([SENTENCES[0], ""])
     assert results == [{"sentence": SENTENCES[0], "error": inference.NOT_FINITE}, {"sentence": "", "error": "empty sentence"}]
     inference.print_results(results, as_json=True)
     assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == results  # every line parses: no NaN

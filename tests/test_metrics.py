@@ -66,7 +66,7 @@ def test_metrics_count_requests_sentences_labels_and_model_calls(predictor, best
     assert got[("cola_queued_sentences",)] == 0
     info = [dict(key[1:]) for key in got if key[0] == "cola_model_info"]
     assert info == [{"checkpoint": health["checkpoint"], "sha256": health["sha256"],
-                     "val_mcc": str(health["val_mcc"]), "model": health["model"]}]
+                     "metric": "val_mcc", "score": str(health["score"]), "model": health["model"], "task": "cola"}]
 
 
 def tcp_connections(process: psutil.Process) -> list:

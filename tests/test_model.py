@@ -11,14 +11,14 @@ from sklearn.metrics import matthews_corrcoef
 from transformers import BertConfig, BertForSequenceClassification, BertModel
 
 from conftest import save_tiny_distilbert, tiny_train_args
-from model import ColaModel, MatthewsCorrCoef, OptionError
+from model import TextClassifier, MatthewsCorrCoef, OptionError
 from test_data import make_datamodule
 
 
 @pytest.fixture
-def model(tiny_model_dir) -> ColaModel:
+def model(tiny_model_dir) -> TextClassifier:
     torch.manual_seed(0)
-    return ColaModel(model_name_or_path=str(tiny_model_dir))
+    return TextClassifier(model_name_or_path=str(tiny_model_dir))
 
 
 def test_labels_and_training_mode(model):
@@ -94,7 +94,7 @@ def test_mcc_matches_scikit_learn_also_when_one_class_is_predicted(preds, target
 
 
 def test_layer_decay_and_head_learning_rate_give_each_parameter_its_rate(tiny_model_dir):
-    model = ColaModel(str(tiny_model_dir), learning_rate=1e-4, layer_decay=0.5, head_learning_rate=1e-2)
+    model = TextClassifier(str(tiny_model_dir), learning_rate=1e-4, layer_decay=0.5, head_learning_rate=1e-2)
     num_layers = model.model.config.num_hidden_layers
     rate = {id(p): group["lr"] for group in model.parameter_groups() for p in group["params"]}
     for name, param in model.model.named_parameters():
@@ -117,23 +117,23 @@ def test_layer_decay_and_head_learning_rate_give_each_parameter_its_rate(tiny_mo
 
 
 def test_default_learning_rate_follows_model_size(tiny_model_dir, tmp_path):
-    assert ColaModel(str(tiny_model_dir)).hparams.learning_rate == 1e-4  # hidden 32: a small model
+    assert TextClassifier(str(tiny_model_dir)).hparams.learning_rate == 1e-4  # hidden 32: a small model
     wide = BertForSequenceClassification(
         BertConfig(vocab_size=30, hidden_size=768, num_hidden_layers=1, num_attention_heads=12, intermediate_size=64)
     )
     wide.save_pretrained(tmp_path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_model_dir / name, tmp_path / name)
-    assert ColaModel(str(tmp_path)).hparams.learning_rate == 2e-5  # BERT-base width: the BERT paper's
-    assert ColaModel(str(tmp_path), learning_rate=3e-5).hparams.learning_rate == 3e-5
+    assert TextClassifier(str(tmp_path)).hparams.learning_rate == 2e-5  # BERT-base width: the BERT paper's
+    assert TextClassifier(str(tmp_path), learning_rate=3e-5).hparams.learning_rate == 3e-5
 
 
 def test_resolved_learning_rate_is_what_hparams_yaml_and_checkpoints_record(tiny_model_dir, tiny_data_dir):
     # Through LightningCLI, which hands save_hyperparameters the parsed arguments (learning_rate: null).
-    from train import ColaCLI, ColaDataModule
+    from train import TextDataModule, TrainCLI
 
     args = ["--model.model_name_or_path", str(tiny_model_dir), "--data.data_dir", str(tiny_data_dir), "--trainer.logger", "false"]
-    cli = ColaCLI(ColaModel, ColaDataModule, run=False, args=args)
+    cli = TrainCLI(TextClassifier, TextDataModule, run=False, args=args)
     assert cli.config.model.learning_rate is None
     assert cli.model.hparams_initial.learning_rate == 1e-4  # what the logger writes to hparams.yaml
     assert cli.model.hparams.learning_rate == 1e-4
@@ -141,7 +141,7 @@ def test_resolved_learning_rate_is_what_hparams_yaml_and_checkpoints_record(tiny
 
 def test_mean_pooling_averages_real_tokens_only_and_leaves_the_pooler_out(tiny_model_dir, tiny_data_dir):
     torch.manual_seed(0)
-    model = ColaModel(str(tiny_model_dir), pooling="mean")
+    model = TextClassifier(str(tiny_model_dir), pooling="mean")
     short, long = "the dog sat .", "the big dog sat on the mat near the cat ."
     alone = model.tokenizer([short], return_tensors="pt")
     padded = model.tokenizer([short, long], padding=True, return_tensors="pt")
@@ -168,16 +168,16 @@ def test_mean_pooling_averages_real_tokens_only_and_leaves_the_pooler_out(tiny_m
 
 def test_mean_pooling_refuses_a_head_it_would_bypass(tmp_path, tiny_model_dir):
     model_dir = save_tiny_distilbert(tmp_path, tiny_model_dir)
-    ColaModel(str(model_dir))  # its own head, on [CLS]: fine
+    TextClassifier(str(model_dir))  # its own head, on [CLS]: fine
     with pytest.raises(OptionError, match="pooling mean needs a BERT-style head.*DistilBertForSequenceClassification"):
-        ColaModel(str(model_dir), pooling="mean")
+        TextClassifier(str(model_dir), pooling="mean")
 
 
 @pytest.mark.parametrize("model_kind", ["bert", "distilbert"])
 def test_frozen_word_embeddings_stay_pretrained_while_the_rest_trains(model_kind, tmp_path, tiny_model_dir, tiny_data_dir):
     model_dir = tiny_model_dir if model_kind == "bert" else save_tiny_distilbert(tmp_path, tiny_model_dir)
     torch.manual_seed(0)
-    model = ColaModel(str(model_dir), freeze_word_embeddings=True)
+    model = TextClassifier(str(model_dir), freeze_word_embeddings=True)
     words = model.model.get_input_embeddings().weight
     before = {name: p.detach().clone() for name, p in model.model.named_parameters()}
     optimizer = torch.optim.AdamW(model.parameter_groups(), lr=1e-2)
@@ -194,9 +194,9 @@ def test_frozen_word_embeddings_stay_pretrained_while_the_rest_trains(model_kind
 
 def test_num_layers_outside_the_model_is_refused_in_one_line(tiny_model_dir):
     with pytest.raises(OptionError, match=r"--model.num_layers 3: .* has 2 layers; use at most 2"):
-        ColaModel(str(tiny_model_dir), num_layers=3)  # the extra layer would start from random weights
+        TextClassifier(str(tiny_model_dir), num_layers=3)  # the extra layer would start from random weights
     with pytest.raises(OptionError, match="--model.num_layers must be at least 1"):
-        ColaModel(str(tiny_model_dir), num_layers=0)
+        TextClassifier(str(tiny_model_dir), num_layers=0)
 
 
 class RecordWeights(Callback):
@@ -219,7 +219,7 @@ def test_ema_weights_are_what_validation_the_checkpoint_and_the_export_hold(tiny
     AveragedModel with get_ema_avg_fn(d) over the weights after each step, computed here by hand."""
     import train
     from checkpoints import load_checkpoint
-    from inference import ColaPredictor
+    from inference import Predictor
 
     decay, recorder = 0.7, RecordWeights()
     monkeypatch.chdir(tmp_path)
@@ -242,8 +242,8 @@ def test_ema_weights_are_what_validation_the_checkpoint_and_the_export_hold(tiny
             torch.testing.assert_close(value, by_step[step][name], rtol=1e-6, atol=1e-7)
             torch.testing.assert_close(checkpoint["current_model_state"][name], recorder.after_step[step - 1][name])
     sentences = ["The dog sat on the mat.", "Mat the on sat dog the."]
-    exported = ColaPredictor(best).predict(sentences)  # train.py's ONNX export of the best checkpoint
-    averaged = ColaPredictor(best, backend="torch").predict(sentences)  # the checkpoint's state_dict
+    exported = Predictor(best).predict(sentences)  # train.py's ONNX export of the best checkpoint
+    averaged = Predictor(best, backend="torch").predict(sentences)  # the checkpoint's state_dict
     for onnx_result, torch_result in zip(exported, averaged):
         assert onnx_result["probabilities"] == pytest.approx(torch_result["probabilities"], abs=1e-5)
 
@@ -268,7 +268,7 @@ def test_head_seed_fixes_the_new_head_and_leaves_the_runs_random_state_alone(tin
 
     def build(seed: int, head_seed: int | None) -> tuple[torch.nn.Linear, torch.Tensor]:
         torch.manual_seed(seed)  # as --seed_everything does before the model is made
-        return ColaModel(str(encoder), head_seed=head_seed).model.classifier, torch.get_rng_state()
+        return TextClassifier(str(encoder), head_seed=head_seed).model.classifier, torch.get_rng_state()
 
     (shared_1, state_1), (shared_2, _) = build(1, 0), build(2, 0)
     (own_1, own_state_1), (own_2, _) = build(1, None), build(2, None)

@@ -2,6 +2,7 @@
 `python serve.py`. .ci/run installs the browser; without it this test fails, saying so, rather than skip."""
 
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
@@ -10,7 +11,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, expect, sync_playwright
 
-from inference import ColaPredictor
+from inference import Predictor
 from test_serve import best_checkpoint, start_server  # noqa: F401 (best_checkpoint is a fixture)
 
 pytestmark = pytest.mark.slow  # a real browser (Debian's Chromium): the fast tier leaves it to CI
@@ -53,7 +54,7 @@ def browser() -> Iterator[Browser]:
 
 def test_page_shows_a_label_and_probability_per_sentence(served_checkpoint, server, browser, tmp_path):
     sentences = ["The dog sat on the mat.", "Mat the on sat dog the."]
-    expected = ColaPredictor(served_checkpoint).predict(sentences)
+    expected = Predictor(served_checkpoint).predict(sentences)
     health = httpx.get(f"{server}/health").json()
     page = browser.new_page(viewport={"width": 420, "height": 640})  # a phone's width
     page.goto(server)
@@ -79,6 +80,36 @@ def test_page_shows_a_label_and_probability_per_sentence(served_checkpoint, serv
     box.fill("  \n")
     box.press("Control+Enter")
     expect(page.get_by_role("alert")).to_have_text("Type a sentence first, one per line.")
+
+
+@pytest.fixture(scope="module")
+def pair_server(tmp_path_factory, tiny_model_dir) -> Iterator[str]:
+    """A real `python serve.py` of a tiny model of pairs (RTE's layout, test_tasks.py's data): its URL."""
+    from conftest import run_train
+    from test_tasks import data_dir_of, task_args
+
+    workdir = tmp_path_factory.mktemp("page-rte")
+    result = run_train(workdir, *task_args("rte", tiny_model_dir, data_dir_of(tmp_path_factory, "rte")), "--trainer.max_epochs", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    process, url = start_server(workdir / "logs/rte/version_0")
+    yield url
+    process.terminate()
+    process.wait(timeout=60)
+
+
+def test_page_of_a_pair_model_takes_two_texts_and_shows_its_labels(pair_server, browser):
+    page = browser.new_page()
+    page.goto(pair_server)
+    expect(page.get_by_role("heading")).to_have_text("Classify: rte")
+    expect(page.locator("#about")).to_contain_text("one of: entailment, not_entailment")
+    page.get_by_label("First texts (sentence1), one per line").fill("The dog sat.\nA boy ran.")
+    page.get_by_label("Second texts, one per line").fill("A dog sat.\nThe cat sat.")
+    page.get_by_role("button", name="Check").click()
+    results = page.locator("#results li")
+    expect(results).to_have_count(2)
+    expect(results.nth(1).locator(".sentence")).to_have_text("A boy ran.  |  The cat sat.")
+    expect(results.nth(0).locator(".label")).to_have_text(re.compile("^(entailment|not_entailment)$"))
+    expect(page.locator("footer")).to_contain_text("validation accuracy")
 
 
 def test_api_docs_render_with_the_network_off(server, browser):

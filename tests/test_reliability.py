@@ -26,9 +26,9 @@ import callbacks
 import checkpoints
 import train
 from conftest import REPO, flip_bytes, tiny_train_args
-from data import ColaDataModule
+from data import TextDataModule
 from hub import HubError
-from model import ColaModel
+from model import TextClassifier
 
 
 class Run:
@@ -80,7 +80,7 @@ def train_in_process(
     step sigint_before_step + 1 starts, or each signal of signals {steps done: signal} then."""
     signals = {**(signals or {}), **({sigint_before_step: signal.SIGINT} if sigint_before_step is not None else {})}
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-    saved = os.getcwd(), sys.argv, {s: signal.getsignal(s) for s in handled}, ColaModel.on_train_batch_start
+    saved = os.getcwd(), sys.argv, {s: signal.getsignal(s) for s in handled}, TextClassifier.on_train_batch_start
     out, err = io.StringIO(), io.StringIO()
 
     def on_train_batch_start(self, batch, batch_idx):
@@ -90,7 +90,7 @@ def train_in_process(
     try:
         os.chdir(workdir)
         sys.argv = [str(REPO / "train.py"), "--trainer.enable_progress_bar", "false", *args]
-        ColaModel.on_train_batch_start = on_train_batch_start
+        TextClassifier.on_train_batch_start = on_train_batch_start
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 train.run()
@@ -100,7 +100,7 @@ def train_in_process(
     finally:
         # Lightning ignores SIGINT once it has handled one; the run may have published its folder.
         os.chdir(saved[0])
-        sys.argv, ColaModel.on_train_batch_start = saved[1], saved[3]
+        sys.argv, TextClassifier.on_train_batch_start = saved[1], saved[3]
         for signum, handler in saved[2].items():
             signal.signal(signum, handler)
         os.environ.pop(train.RUN_VERSION_ENV, None)
@@ -301,11 +301,11 @@ def test_model_not_in_cache_while_offline_is_one_line_that_says_how_to_run_offli
 
 def test_hub_errors_name_what_failed(tmp_path, tiny_model_dir):
     with pytest.raises(HubError, match=r"^dataset 'nyu-mll/glue' is not in the local cache, and HF_HUB_OFFLINE is set"):
-        ColaDataModule(model_name_or_path=str(tiny_model_dir)).prepare_data()  # no data_dir: CoLA from the Hub
+        TextDataModule(model_name_or_path=str(tiny_model_dir)).prepare_data()  # no data_dir: CoLA from the Hub
     with pytest.raises(HubError, match=r"^model './no/such/folder' is neither a local folder nor a valid Hub id"):
-        ColaModel("./no/such/folder")
+        TextClassifier("./no/such/folder")
     with pytest.raises(HubError, match=rf"^model '{tmp_path}' is a folder without a usable model or tokenizer"):
-        ColaModel(str(tmp_path))
+        TextClassifier(str(tmp_path))
 
 
 # Run in a fresh process because the Hub's address is read at import. Imports what model.py and data.py use.
@@ -579,7 +579,7 @@ def test_last_checkpoint_is_saved_after_every_validation_while_val_mcc_falls(tmp
         last = Path(self.trainer.checkpoint_callback.dirpath) / "last.ckpt"
         seen.append((self.global_step, global_step(last) if last.exists() else None))
 
-    monkeypatch.setattr(ColaModel, "on_train_epoch_start", on_train_epoch_start, raising=False)
+    monkeypatch.setattr(TextClassifier, "on_train_epoch_start", on_train_epoch_start, raising=False)
     monkeypatch.setattr(train, "export_for_inference", lambda path: None)  # not what this test is about: save its ~10 s
     args = tiny_train_args(tiny_model_dir, tiny_data_dir) + [
         "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "2", "--trainer.num_sanity_val_steps", "0"

@@ -26,7 +26,7 @@ from fastapi.testclient import TestClient
 
 from benchmarks import serve_load
 from conftest import REPO, make_sentence
-from inference import ColaPredictor
+from inference import Predictor
 from serve import GRACEFUL_SHUTDOWN_S, REFUSAL_HOLD_S, MicroBatcher, Settings, create_app
 
 SENTENCES = ["The dog sat on the mat.", "Mat the on sat dog the.", "A big cat ran quickly under the bench."]
@@ -39,11 +39,11 @@ def best_checkpoint(trained) -> Path:
 
 
 @pytest.fixture(scope="module")
-def predictor(best_checkpoint) -> ColaPredictor:
-    return ColaPredictor(best_checkpoint)
+def predictor(best_checkpoint) -> Predictor:
+    return Predictor(best_checkpoint)
 
 
-def client_for(predictor: ColaPredictor, checkpoint: Path, **settings) -> TestClient:
+def client_for(predictor: Predictor, checkpoint: Path, **settings) -> TestClient:
     return TestClient(create_app(predictor, Settings(checkpoint=str(checkpoint), **settings)))
 
 
@@ -68,7 +68,8 @@ def test_health_names_the_checkpoint_its_mcc_and_model(predictor, best_checkpoin
     # By run folder and file name, and content: no path of the server's machine.
     assert health["ready"] is True and health["checkpoint"] == f"cola/version_0/{best_checkpoint.name}"
     assert health["sha256"] == hashlib.sha256(best_checkpoint.read_bytes()).hexdigest()[:12]
-    assert health["val_mcc"] == pytest.approx(metrics["best_val_mcc"], abs=5e-5)  # the file name's 4 decimals
+    assert health["metric"] == "val_mcc" and health["score"] == pytest.approx(metrics["best_val_mcc"], abs=5e-5)  # the file name's 4 decimals
+    assert (health["task"], health["labels"], health["texts"]) == ("cola", ["unacceptable", "acceptable"], ["sentence"])
     assert health["model"] == f"{tiny_model_dir.parent.name}/{tiny_model_dir.name}"  # a local folder: its last names
 
 
@@ -294,7 +295,7 @@ def test_load_benchmark_runs_batched_and_unbatched(best_checkpoint, tiny_data_di
         assert row["errors"] == 0 and row["refused_share"] == 0 and row["requests_per_s"] > 0
         assert row["sentences_per_s"] == row["requests_per_s"] and row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
         assert row["peak_rss_mb"] > 50  # Python, ONNX Runtime and the model at least
-    assert "batched / unbatched:" in result.stdout and "ColaPredictor.predict in one process:" in result.stdout
+    assert "batched / unbatched:" in result.stdout and "Predictor.predict in one process:" in result.stdout
     assert "batched: p99 of accepted requests at 4 clients / at 2:" in result.stdout
 
 
@@ -320,7 +321,7 @@ def test_a_model_failure_is_a_json_500_and_a_damaged_hparams_yaml_no_crash(predi
 
 
 class HeldModel:
-    """A stand-in for ColaPredictor whose calls are recorded and held (the model busy) until release is set."""
+    """A stand-in for Predictor whose calls are recorded and held (the model busy) until release is set."""
 
     def __init__(self) -> None:
         self.release = threading.Event()
@@ -493,7 +494,7 @@ def test_a_checkpoint_written_over_under_a_torch_server_changes_no_answer(best_c
         inode = served.stat().st_ino
         shutil.copyfile(input_sensitive_checkpoint, served)  # as cp does: truncate, then write
         assert served.stat().st_ino == inode
-        other = ColaPredictor(served, backend="torch").predict(SENTENCES)
+        other = Predictor(served, backend="torch").predict(SENTENCES)
         assert other != before  # the new bytes would answer otherwise
         assert httpx.post(f"{url}/predict", json={"sentences": SENTENCES}, timeout=60).json() == before
         assert httpx.get(f"{url}/health").json() == health
@@ -529,7 +530,7 @@ def test_health_of_an_export_made_from_a_local_model_names_no_path(best_checkpoi
     """An export served without its run folder (the image) names its base model from its own metadata,
     where the training machine's folder is absolute: only its last two names reach a client."""
     shutil.copy(best_checkpoint.with_suffix(".onnx"), tmp_path)
-    predictor = ColaPredictor(tmp_path)
+    predictor = Predictor(tmp_path)
     assert Path(predictor.base_model) == tiny_model_dir  # what the export holds
     with client_for(predictor, tmp_path / best_checkpoint.with_suffix(".onnx").name) as client:
         health = client.get("/health").json()

@@ -28,7 +28,11 @@ def test_run_writes_checkpoints_metrics_and_tensorboard(trained):
     best = workdir / metrics["best_model_path"]
     assert best.parent == run_dir / "checkpoints" and best.name.startswith("best-")
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
-    assert metrics["best_val_mcc"] == pytest.approx(float(best.stem.split("val_mcc=")[1]), abs=1e-4)
+    # The best holds weights, config, tokenizer and settings, not the optimizer's state; last.ckpt holds all a resume needs.
+    best_keys = torch.load(best, weights_only=True).keys()
+    assert {"state_dict", "hf_config", "tokenizer_files", "hyper_parameters", "datamodule_hyper_parameters"} <= best_keys
+    assert "optimizer_states" not in best_keys and "optimizer_states" in torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert metrics["monitor"] == "val_mcc" and metrics["best_val_mcc"] == pytest.approx(float(best.stem.split("val_mcc=")[1]), abs=1e-4)
     assert f"Best val_mcc {metrics['best_val_mcc']:.4f}" in result.stdout
     assert f"python inference.py --checkpoint {metrics['best_model_path']}" in result.stdout
     assert "Exported for inference.py in " in result.stdout  # the first inference.py needs no export
@@ -186,7 +190,7 @@ def test_the_model_summary_counts_flops_on_an_example_sentence(trained):
 def test_num_layers_keeps_the_first_layers_in_export_int8_serving_and_resume(tmp_path, tiny_model_dir, tiny_data_dir):
     from fastapi.testclient import TestClient
 
-    from inference import ColaPredictor
+    from inference import Predictor
     from serve import Settings, create_app
 
     args = [*tiny_train_args(tiny_model_dir, tiny_data_dir), "--model.num_layers", "1", "--model.pooling", "mean"]
@@ -201,12 +205,12 @@ def test_num_layers_keeps_the_first_layers_in_export_int8_serving_and_resume(tmp
 
     sentences = ["The dog sat on the mat.", "Mat the on sat dog the.", "A big cat ran quickly under the bench."]
     probabilities = {
-        backend: [r["probabilities"]["acceptable"] for r in ColaPredictor(best, backend).predict(sentences)]
+        backend: [r["probabilities"]["acceptable"] for r in Predictor(best, backend).predict(sentences)]
         for backend in ("torch", "onnx", "onnx-int8")
     }
     assert probabilities["onnx"] == pytest.approx(probabilities["torch"], abs=1e-4)
     assert probabilities["onnx-int8"] == pytest.approx(probabilities["torch"], abs=0.03)
-    predictor = ColaPredictor(best)
+    predictor = Predictor(best)
     with TestClient(create_app(predictor, Settings(checkpoint=str(best)))) as client:
         assert client.post("/predict", json={"sentences": sentences}).json() == predictor.predict(sentences)
 
