@@ -82,8 +82,11 @@ class BestAndLastCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
         # The best checkpoint holds what inference, exports and soups need, not AdamW's moments (twice the weights:
         # a 1.31 GB best checkpoint of a 110M model is 0.44 GB without them); last.ckpt keeps all a resume needs.
+        # Except with --model.ema_decay: Lightning 2.6 saves weights only without asking callbacks, and the
+        # average would not replace the trained weights.
         full = self.save_weights_only
-        self.save_weights_only = full or filepath != self.last_model_path  # set before a save of last.ckpt
+        averaging = any(isinstance(callback, WeightAveraging) for callback in trainer.callbacks)
+        self.save_weights_only = full or (filepath != self.last_model_path and not averaging)  # last: set before its save
         try:
             super()._save_checkpoint(trainer, filepath)
         finally:

@@ -1,6 +1,7 @@
 """Text classification data as a LightningDataModule: a GLUE task from the Hugging Face Hub (CoLA by
 default), GLUE's own TSV files, or a user's TSV, CSV or JSON Lines files with named columns."""
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -112,6 +113,18 @@ def read_glue_tsv(path: Path) -> Iterator[dict]:
         raise DataError(f"{path}: empty file (no sentences)")
 
 
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """datasets' "Generating train split" bars, for local files that load in a second: noise before a one-line error."""
+    shown = not datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
+
+
 def _file_digest(path: Path) -> str:
     try:
         with open(path, "rb") as f:
@@ -130,12 +143,13 @@ def load_local_cola(data_dir: Path, split: str) -> datasets.Dataset:
     if not found:
         raise DataError(f"{path}: file not found (data_dir must hold GLUE CoLA's train.tsv and dev.tsv)")
     try:
-        return datasets.Dataset.from_generator(
-            read_glue_tsv,
-            gen_kwargs={"path": path},
-            features=datasets.Features({"sentence": datasets.Value("string"), "label": datasets.Value("int64")}),
-            fingerprint=f"cola-{split}-{_file_digest(path)}",
-        )
+        with no_progress_bars():
+            return datasets.Dataset.from_generator(
+                read_glue_tsv,
+                gen_kwargs={"path": path},
+                features=datasets.Features({"sentence": datasets.Value("string"), "label": datasets.Value("int64")}),
+                fingerprint=f"cola-{split}-{_file_digest(path)}",
+            )
     except datasets.exceptions.DatasetGenerationError as e:
         if isinstance(e.__cause__, DataError):
             raise e.__cause__ from None
@@ -223,14 +237,15 @@ def load_local_table(path: Path, text_columns: list[tuple[str, ...]], label_colu
     """read_table's rows as an Arrow dataset, cached by the file's content and the columns chosen."""
     choice = hashlib.sha256(json.dumps([text_columns, label_columns, names]).encode()).hexdigest()[:16]
     try:
-        return datasets.Dataset.from_generator(
-            read_table,
-            # Tuples: datasets would take lists in gen_kwargs as shards to split the work over.
-            gen_kwargs={"path": path, "text_columns": tuple(text_columns), "label_columns": tuple(label_columns), "names": names},
-            features=datasets.Features({**{n: datasets.Value("string") for n in names}, "label": datasets.Value("string"),
-                                        "line": datasets.Value("int64")}),
-            fingerprint=f"table-{_file_digest(path)}-{choice}",
-        )
+        with no_progress_bars():
+            return datasets.Dataset.from_generator(
+                read_table,
+                # Tuples: datasets would take lists in gen_kwargs as shards to split the work over.
+                gen_kwargs={"path": path, "text_columns": tuple(text_columns), "label_columns": tuple(label_columns), "names": names},
+                features=datasets.Features({**{n: datasets.Value("string") for n in names}, "label": datasets.Value("string"),
+                                            "line": datasets.Value("int64")}),
+                fingerprint=f"table-{_file_digest(path)}-{choice}",
+            )
     except datasets.exceptions.DatasetGenerationError as e:
         if isinstance(e.__cause__, DataError):
             raise e.__cause__ from None

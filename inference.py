@@ -346,7 +346,7 @@ def glue_test_rows(task: str, path: str) -> list[list[str]]:
                    if c and set(c) <= set(header)), None)
     if not wanted or wanted[0] not in header:
         expected = "<TAB>".join(["index", *(glue.tsv_text_columns or glue.text_columns)])
-        raise InputError(f"{path}:1: expected GLUE's {task} test.tsv header, with {expected}")
+        raise InputError(f"{path}:1: expected GLUE's {glue.submission.removesuffix('.tsv')} test.tsv header, with {expected}")
     columns = [header.index(name) for name in wanted]
     rows = []
     for number, line in enumerate(lines[1:], start=2):

@@ -421,13 +421,17 @@ class RateLimitedAcceptErrors(logging.Filter):
 
 
 class PredictRequest(BaseModel):
-    """{"sentences": [...]} for a model of single texts, {"pairs": [[first, second], ...]} for one of pairs (/health's
-    "texts" says which)."""
+    """The body for a model of single texts; PairsRequest's for one of pairs (/health's "texts" says which)."""
 
     model_config = ConfigDict(extra="forbid")  # {"sentence": ...} is a mistake to report, not to ignore
 
-    sentences: Optional[list[str]] = None
-    pairs: Optional[list[tuple[str, str]]] = None
+    sentences: list[str]
+
+
+class PairsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pairs: list[tuple[str, str]]
 
 
 EXAMPLE = {1: '{"sentences": ["a sentence", ...]}', 2: '{"pairs": [["first text", "second text"], ...]}'}
@@ -491,6 +495,7 @@ def create_app(predictor: Predictor, settings: Settings) -> FastAPI:
     facts = {**checkpoint_facts(Path(settings.checkpoint), getattr(predictor, "base_model", None)),
              "task": getattr(predictor, "task", "cola")}
     text_names = list(getattr(predictor, "text_names", ["sentence"]))
+    labels = list(getattr(predictor, "labels", []))
     texts = len(text_names)
     batch_size, wait_ms = (settings.max_batch_size, settings.max_wait_ms) if settings.batching else (1, 0)
     metrics = ServeMetrics({name: "" if value is None else str(value) for name, value in facts.items()})
@@ -517,7 +522,7 @@ def create_app(predictor: Predictor, settings: Settings) -> FastAPI:
         title="CoLA grammaticality" if facts["task"] == "cola" else f"{facts['task']}: text classification", lifespan=lifespan,
         description="Is an English sentence grammatical? A classifier trained on CoLA by train.py." if facts["task"] == "cola"
         else f"A classifier of {'pairs of texts' if texts == 2 else 'texts'} trained on {facts['task']} by train.py:"
-             f" labels {', '.join(predictor.labels)}.",
+             f" labels {', '.join(labels)}.",
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
 
@@ -537,15 +542,13 @@ def create_app(predictor: Predictor, settings: Settings) -> FastAPI:
         return JSONResponse({"detail": f"the model failed on this batch ({type(exc).__name__})"}, status_code=500)
 
     @app.post("/predict", responses=PREDICT_ERRORS)
-    async def predict(body: PredictRequest, request: Request) -> list[dict]:
+    async def predict(body: PairsRequest if texts == 2 else PredictRequest, request: Request) -> list[dict]:
         """One result per sentence, in order: {"sentence", "label", "probabilities": {label: p}},
         or {"sentence", "error"} for an empty one or a non-finite model output ({"pair": [first, second], ...}
         for a model of pairs). 503 with Retry-After when the server has more sentences waiting than it can
         answer in a few hundred milliseconds."""
         field = "pairs" if texts == 2 else "sentences"
         sentences = getattr(body, field)
-        if sentences is None or getattr(body, "sentences" if texts == 2 else "pairs") is not None:
-            raise HTTPException(422, f"this model classifies {'pairs of texts' if texts == 2 else 'single sentences'}: send {EXAMPLE[texts]}")
         if len(sentences) > settings.max_sentences:
             raise HTTPException(413, f"{len(sentences)} {field}: at most {settings.max_sentences} per request")
         for i, item in enumerate(sentences):
@@ -577,7 +580,7 @@ def create_app(predictor: Predictor, settings: Settings) -> FastAPI:
         start of its sha256), its validation score (metric and score) and base model; its task, labels and
         texts (["sentence"], or two names for a model of pairs)."""
         return {"ready": getattr(app.state, "ready", False), **facts, "backend": settings.backend,
-                "labels": list(predictor.labels), "texts": text_names}
+                "labels": labels, "texts": text_names}
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:

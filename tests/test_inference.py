@@ -651,7 +651,7 @@ def test_glue_test_set_gives_the_leaderboards_cola_tsv(trained, predictor, tmp_p
     (tmp_path / "dev.tsv").write_text("src\t1\t\tThe dog sat.\n")  # the labelled layout: not the test set
     assert "dev.tsv:1: expected GLUE's CoLA test.tsv header" in one_line_error(run_inference(workdir, "--glue_test", str(tmp_path / "dev.tsv")))
     (tmp_path / "test.tsv").write_text("index\tsentence\n0\tThe dog sat.\nThe cat sat.\n")
-    assert "test.tsv:3: expected an index, a tab and a sentence" in one_line_error(run_inference(workdir, "--glue_test", str(tmp_path / "test.tsv")))
+    assert "test.tsv:3: expected 2 tab-separated fields: an index and sentence" in one_line_error(run_inference(workdir, "--glue_test", str(tmp_path / "test.tsv")))
     # Without a file, the Hub's copy (tests/test_hub.py): offline and not cached, one line saying so.
     message = one_line_error(run_inference(workdir, "--glue_test"))
     assert "dataset 'nyu-mll/glue' is not in the local cache" in message and message.endswith("--glue_test TSV.")

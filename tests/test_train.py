@@ -124,7 +124,7 @@ def test_help_lists_model_data_trainer_and_callback_options(tmp_path):
     result = run_train(tmp_path, "--help")
     assert result.returncode == 0, result.stderr[-2000:]
     for option in ("--model.learning_rate", "--data.data_dir", "--data.max_length", "--trainer.max_epochs",
-                   "--trainer.devices", "--early_stopping.patience", "--checkpoint.monitor", "--ckpt_path", "--config",
+                   "--trainer.devices", "--early_stopping.patience", "--data.metric", "--data.task", "--ckpt_path", "--config",
                    "--save_last_every_minutes", "--model.num_layers"):
         assert option in result.stdout
 
