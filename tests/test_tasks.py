@@ -97,6 +97,7 @@ def test_a_task_trains_in_its_own_folder_scored_by_its_metric(trained_task):
     assert checkpoint["hyper_parameters"]["label_names"] == list(labels)
 
 
+@pytest.mark.slow  # two more runs of each task: CI
 def test_a_task_resumes_from_its_last_checkpoint(trained_task, tiny_model_dir):
     name, workdir, data_dir, run_dir = trained_task
     args = task_args(name, tiny_model_dir, data_dir)
@@ -117,6 +118,7 @@ def example(name: str) -> str:
     return "The dog sat.\tA dog ran." if name == "rte" else "The dog sat on the mat."
 
 
+@pytest.mark.slow  # nine inference.py processes and a transformers pipeline: CI
 def test_inference_answers_with_the_tasks_labels_from_each_backend_and_export(trained_task, tmp_path):
     name, workdir, _, run_dir = trained_task
     labels = TASKS[name][2]
