@@ -142,6 +142,10 @@ def load_local_cola(data_dir: Path, split: str) -> datasets.Dataset:
         raise DataError(f"{path}: cannot read ({e.strerror}): check the permissions of --data.data_dir") from None
     if not found:
         raise DataError(f"{path}: file not found (data_dir must hold GLUE CoLA's train.tsv and dev.tsv)")
+    return load_cola_file(path, split)
+
+
+def load_cola_file(path: Path, split: str) -> datasets.Dataset:
     try:
         with no_progress_bars():
             return datasets.Dataset.from_generator(
@@ -383,6 +387,7 @@ class TextDataModule(pl.LightningDataModule):
             under logs/).
         data_dir: a folder with train and dev files: GLUE's TSV files (CoLA's without a header, as GLUE has them),
             or TSV, CSV or JSON Lines files with a header (train.csv and dev.csv, say); None loads the task from the Hub.
+        train_file, validation_file: the two files by path, instead of data_dir.
         text_columns: the column of the text, or the two of a pair, in data_dir's files (None: the task's;
             ["sentence"] for your own task).
         label_column: the column of the labels (None: the task's; "label" for your own task): words or numbers,
@@ -405,6 +410,8 @@ class TextDataModule(pl.LightningDataModule):
         model_name_or_path: str = "google-bert/bert-base-uncased",
         task: str = "cola",
         data_dir: Optional[str] = None,
+        train_file: Optional[str] = None,
+        validation_file: Optional[str] = None,
         text_columns: Optional[list[str]] = None,
         label_column: Optional[str] = None,
         metric: Optional[Literal["mcc", "accuracy", "f1"]] = None,
@@ -415,15 +422,19 @@ class TextDataModule(pl.LightningDataModule):
         pad_to_buckets: bool = False,
     ) -> None:
         super().__init__()
-        if task not in GLUE_TASKS and not data_dir:
+        if bool(train_file) != bool(validation_file) or (train_file and data_dir):
+            raise OptionError("give --data.train_file and --data.validation_file together, or --data.data_dir (a folder"
+                              " with both), not both")
+        local = data_dir or train_file
+        if task not in GLUE_TASKS and not local:
             raise OptionError(f"--data.task {task!r} is not a GLUE task ({', '.join(GLUE_TASKS)}); for a task of your own,"
-                              " give its files with --data.data_dir")
+                              " give its files with --data.data_dir (or --data.train_file and --data.validation_file)")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", task):  # it names a folder
             raise OptionError(f"--data.task must be a name of letters, digits and _ . - (it names the run folder), not {task!r}")
         if text_columns is not None and (len(text_columns) not in (1, 2) or len(set(text_columns)) != len(text_columns)):
             raise OptionError(f"--data.text_columns names one column (single texts) or two (pairs), e.g. [sentence] or"
                               f" [question1,question2]; not {text_columns}")
-        if (text_columns or label_column) and not data_dir:
+        if (text_columns or label_column) and not local:
             raise OptionError("--data.text_columns and --data.label_column choose columns of your files (--data.data_dir);"
                               " a GLUE task from the Hub has its own")
         if metric is not None and metric not in METRICS:
@@ -454,11 +465,17 @@ class TextDataModule(pl.LightningDataModule):
         """One split as loaded, and where from: labels are ClassLabel ids (the Hub, CoLA's headerless files) or the
         file's own words or numbers (with each example's line, for errors)."""
         task, glue = self.hparams.task, GLUE_TASKS.get(self.hparams.task)
-        if not self.hparams.data_dir:
+        given = self.hparams.train_file if split == "train" else self.hparams.validation_file
+        if not (self.hparams.data_dir or given):
             return load_glue(task, split if split == "train" else glue.validation), f"the Hub's {task} {split} split"
-        path = find_split_file(Path(self.hparams.data_dir), split)
+        path = Path(given) if given else find_split_file(Path(self.hparams.data_dir), split)
+        option = "--data.train_file" if split == "train" else "--data.validation_file"
+        if given and path.suffix[1:] not in FORMATS:
+            raise DataError(f"{path}: {option} takes a .tsv, .csv or .jsonl file")
+        if given and not path.is_file():
+            raise DataError(f"{path}: file not found ({option})")
         if task == "cola" and not self.hparams.text_columns and is_headerless_cola(path):
-            return load_local_cola(path.parent, split), str(path)
+            return load_cola_file(path, split), str(path)
         if self.hparams.text_columns:
             text_columns = [tuple(self.hparams.text_columns)]
         else:  # GLUE's TSV header, or the Hub's names (a Hub split saved as CSV, say)

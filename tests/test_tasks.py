@@ -270,3 +270,18 @@ def test_labels_of_a_users_task_are_its_distinct_values_numbers_in_number_order(
     write(tmp_path, "dev.tsv", "sentence\tstars\nA cat.\t10\n")
     datamodule = TextDataModule(str(tiny_model_dir), task="stars", data_dir=str(tmp_path), label_column="stars")
     assert datamodule.label_names == ["1", "2", "10"]
+
+
+def test_two_files_by_path_instead_of_a_folder(tmp_path, tiny_model_dir):
+    write(tmp_path, "reviews.csv", GOOD_TRAIN)
+    write(tmp_path, "held_out.csv", "review,sentiment\nA dog ran.,positive\n")
+    datamodule = TextDataModule(str(tiny_model_dir), task="reviews", train_file=str(tmp_path / "reviews.csv"),
+                                validation_file=str(tmp_path / "held_out.csv"), text_columns=["review"], label_column="sentiment")
+    datamodule.setup()
+    assert datamodule.label_names == list(WORD_LABELS) and datamodule.splits["validation"]["labels"] == [1]
+    with pytest.raises(OptionError, match="give --data.train_file and --data.validation_file together"):
+        TextDataModule(task="reviews", train_file=str(tmp_path / "reviews.csv"))
+    missing = TextDataModule(task="reviews", train_file=str(tmp_path / "reviews.csv"), validation_file=str(tmp_path / "dev.txt"),
+                             text_columns=["review"], label_column="sentiment")
+    with pytest.raises(DataError, match=r"dev.txt: --data.validation_file takes a .tsv, .csv or .jsonl file"):
+        missing.label_names
