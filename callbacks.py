@@ -185,6 +185,8 @@ class SanityChecks(Callback):
     def on_train_batch_end(self, trainer: Trainer, model: LightningModule, outputs: Any, *_: Any) -> None:
         if trainer.global_step != 1:  # the first step's loss was computed before any update: the loss at init
             return
+        if model.hparams.get("teacher"):  # the loss is part distillation: ln n is not its value at initialisation
+            return
         loss, n = float(outputs["loss"]), len(model.label_names)
         rank_zero_info(f"loss at initialisation {loss:.3f} (ln {n} = {math.log(n):.3f} for a fresh {n}-class head)")
         if abs(loss - math.log(n)) > 0.25:

@@ -428,14 +428,15 @@ def check_same_settings(ckpt_path: str, checkpoint: dict, settings: dict[str, di
     """A resume continues the run exactly only with the settings it was trained with: another batch size
     changes the steps per epoch (the schedule would no longer reach 0), another data folder or max_length
     other batches, another learning rate is ignored (the optimizer's saved state has the old one)."""
-    for group, key in (("data", "datamodule_hyper_parameters"), ("model", "hyper_parameters")):
+    # The model first: options linked into the data (--model.teacher) are named as the user gives them.
+    for group, key in (("model", "hyper_parameters"), ("data", "datamodule_hyper_parameters")):
         saved = checkpoint.get(key) or {}
         for name, value in settings[group].items():
             if name in FREE_ON_RESUME or name not in saved or saved[name] == value:
                 continue
             if name == "learning_rate" and value is None:
                 continue  # "the default": the model saved the one it picked by model size
-            if name in ("data_dir", "train_file", "validation_file") and saved[name] and value and Path(saved[name]).resolve() == Path(value).resolve():
+            if name in ("data_dir", "train_file", "validation_file", "teacher") and saved[name] and value and Path(saved[name]).resolve() == Path(value).resolve():
                 continue  # the same folder, spelt another way
             raise CheckpointError(
                 f"{ckpt_path}: trained with --{group}.{name} {saved[name]}, not {value}: resume with the options"

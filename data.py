@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from hub import explain_hub_errors, load_glue
 
 SPLIT_FILES = {"train": "train.tsv", "validation": "dev.tsv"}  # GLUE names the validation file dev.tsv
 MODEL_INPUTS = ["input_ids", "token_type_ids", "attention_mask", "labels"]
+TEACHER_OUTPUTS = "teacher_log_probs"  # a training batch's teacher log-probabilities, with --model.teacher
 METRICS = ("mcc", "accuracy", "f1")  # validation metrics logged for every task (val_mcc, val_accuracy, val_f1)
 
 
@@ -256,6 +258,56 @@ def load_local_table(path: Path, text_columns: list[tuple[str, ...]], label_colu
         raise
 
 
+def teacher_outputs(teacher: str, dataset: datasets.Dataset, text_columns: list[str], label_names: list[str]) -> tuple[list, str]:
+    """(the teacher's log-probabilities for each example of dataset, the teacher checkpoint's sha256). Computed once per
+    teacher and data (its ONNX export, inference.Predictor: any model of this project, of any size or tokenizer) and
+    cached beside the teacher's checkpoint as TEACHER.teacher-outputs-SHA-DATA.npy, keyed by both digests, so that a
+    student's epoch costs what a plain epoch costs. CheckpointError (one line) for a teacher that cannot be used."""
+    import numpy as np
+
+    from checkpoints import CheckpointError, remove_dead_writers_files, temporary_path
+    from export import file_sha256, user_cache_dir, writable
+    from inference import InputError, Predictor
+
+    path = Path(teacher)
+    if not path.is_file():
+        raise CheckpointError(f"{teacher}: --model.teacher not found (a .ckpt file trained by this project)")
+    sha256 = file_sha256(path)
+    texts = [list(dataset[column]) for column in text_columns]
+    data = hashlib.sha256(json.dumps(texts).encode()).hexdigest()
+    name = f"{path.stem}.teacher-outputs-{sha256[:16]}-{data[:16]}.npy"
+    cache = path.with_name(name) if writable(path.parent) else user_cache_dir() / name
+    try:
+        outputs = np.load(cache)
+        if outputs.shape == (len(dataset), len(label_names)) and np.isfinite(outputs).all():
+            return outputs.tolist(), sha256
+    except (OSError, ValueError):  # none yet, or damaged: computed again
+        pass
+    try:
+        predictor = Predictor(path)
+    except InputError as e:
+        raise CheckpointError(f"{teacher}: --model.teacher: {e}") from None
+    if predictor.labels != label_names or len(predictor.text_names) != len(text_columns):
+        raise CheckpointError(f"{teacher}: --model.teacher was trained on labels {predictor.labels} of {len(predictor.text_names)}"
+                              f" text(s) an example; this data has {label_names} of {len(text_columns)}: use a teacher of this task")
+    print(f"Teacher {path.name}: classifying the {len(dataset)} training examples once (cached as {cache})")
+    results = predictor.predict(list(zip(*texts)) if len(texts) == 2 else texts[0], progress=True)
+    if any("error" in result for result in results):
+        raise CheckpointError(f"{teacher}: --model.teacher gives no finite output for some training examples: its weights are damaged")
+    probabilities = np.array([[result["probabilities"][label] for label in label_names] for result in results])
+    outputs = np.log(np.maximum(probabilities, 1e-30)).astype(np.float32)  # softmax(log p / T) = softmax(logits / T)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_writers_files(cache.parent)
+        with open(temporary_path(cache), "wb") as f:
+            np.save(f, outputs)
+        os.replace(temporary_path(cache), cache)
+    except OSError as e:  # a full disk: the run goes on, computing them again next time
+        temporary_path(cache).unlink(missing_ok=True)
+        print(f"note: the teacher's outputs were not cached ({e.strerror or e})")
+    return outputs.tolist(), sha256
+
+
 def find_split_file(data_dir: Path, split: str) -> Path:
     """data_dir's file for split: train.tsv (or .csv, .jsonl) for "train", dev.tsv (or validation.*) for "validation"."""
     candidates = [data_dir / f"{stem}.{kind}" for stem in FILE_STEMS[split] for kind in FORMATS]
@@ -403,6 +455,8 @@ class TextDataModule(pl.LightningDataModule):
             of uniformly random ones: less padding, faster steps.
         pad_to_buckets: pad batches to 16, 32, 64 or max_length tokens (PadToBucket) instead of to their longest
             example; set by train.py from --model.compile.
+        teacher: a checkpoint whose outputs for the training examples go in their batches (teacher_outputs); set by
+            train.py from --model.teacher.
     """
 
     def __init__(
@@ -420,6 +474,7 @@ class TextDataModule(pl.LightningDataModule):
         num_workers: Optional[int] = None,
         group_by_length: bool = True,
         pad_to_buckets: bool = False,
+        teacher: Optional[str] = None,
     ) -> None:
         super().__init__()
         if bool(train_file) != bool(validation_file) or (train_file and data_dir):
@@ -452,6 +507,7 @@ class TextDataModule(pl.LightningDataModule):
         self.tokenizer = None
         self.splits: dict[str, datasets.Dataset] = {}
         self._label_names: Optional[list[str]] = None
+        self.teacher_sha256: Optional[str] = None  # the teacher's content, recorded in checkpoints (state_dict)
 
     @property
     def label_names(self) -> list[str]:
@@ -533,6 +589,9 @@ class TextDataModule(pl.LightningDataModule):
             return
         self.tokenizer = self._load_tokenizer()
         splits, self._label_names = self._labelled_splits()
+        if self.hparams.teacher:
+            outputs, self.teacher_sha256 = teacher_outputs(self.hparams.teacher, splits["train"], self.text_columns, self._label_names)
+            splits["train"] = splits["train"].add_column(TEACHER_OUTPUTS, outputs)
         for split, dataset in splits.items():
             self.splits[split] = self._tokenize(dataset, split)
 
@@ -560,7 +619,19 @@ class TextDataModule(pl.LightningDataModule):
         if truncated:
             print(f"{split}: {truncated} of {len(dataset)} sentences truncated to max_length={max_length} tokens")
         dataset = dataset.rename_column("label", "labels")
-        return dataset.select_columns([c for c in MODEL_INPUTS if c in dataset.column_names])
+        return dataset.select_columns([c for c in [*MODEL_INPUTS, TEACHER_OUTPUTS] if c in dataset.column_names])
+
+    def state_dict(self) -> dict:
+        return {"teacher_sha256": self.teacher_sha256} if self.teacher_sha256 else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        # A resume goes on learning from the teacher it started with (the path alone is checked before: check_resumable).
+        if state.get("teacher_sha256") != self.teacher_sha256:
+            from checkpoints import CheckpointError
+
+            raise CheckpointError(f"the checkpoint was trained with a teacher of sha256 {str(state.get('teacher_sha256'))[:12]},"
+                                  f" --model.teacher {self.hparams.teacher} is {str(self.teacher_sha256)[:12]}: resume with the"
+                                  " teacher it was trained with, or start a new run")
 
     def _loader(self, split: str, sampler: Optional[Sampler] = None, loader_class: type = DataLoader, **kwargs) -> DataLoader:
         gpu = torch.cuda.is_available()

@@ -23,7 +23,7 @@ from torchmetrics.classification import (
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, get_linear_schedule_with_warmup
 
 from checkpoints import CheckpointError
-from data import LABEL_NAMES, OptionError
+from data import LABEL_NAMES, TEACHER_OUTPUTS, OptionError
 from hub import explain_hub_errors
 
 
@@ -79,9 +79,26 @@ def sentence_logits(model: PreTrainedModel, pooling: str, inputs: dict[str, torc
     return model.classifier(model.dropout((hidden * mask).sum(1) / mask.sum(1)))
 
 
-def logits_and_loss(model: PreTrainedModel, pooling: str, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, cross-entropy loss) of a batch with labels: the part of a step that --model.compile compiles."""
-    logits = sentence_logits(model, pooling, {k: v for k, v in batch.items() if k != "labels"})
+def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_log_probs: torch.Tensor, weight: float,
+                      temperature: float) -> torch.Tensor:
+    """Knowledge distillation (Hinton et al. 2015): (1 - weight) * cross-entropy with the true labels + weight * T^2 *
+    KL(teacher's softmax at temperature T || the student's). T^2 keeps the soft part's gradients at the hard part's
+    scale whatever T. The teacher's log-probabilities stand for its logits: softmax(log p / T) = softmax(logits / T)."""
+    hard = torch.nn.functional.cross_entropy(logits, labels)
+    student = torch.nn.functional.log_softmax(logits / temperature, dim=-1)
+    teacher = torch.nn.functional.log_softmax(teacher_log_probs / temperature, dim=-1)
+    soft = torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
+    return (1 - weight) * hard + weight * soft
+
+
+def logits_and_loss(
+    model: PreTrainedModel, pooling: str, batch: dict, distillation: Optional[tuple[float, float]] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, loss) of a batch with labels: the part of a step that --model.compile compiles. The loss is the
+    cross-entropy, or with distillation (weight, temperature) and the teacher's outputs in the batch, distillation_loss."""
+    logits = sentence_logits(model, pooling, {k: v for k, v in batch.items() if k not in ("labels", TEACHER_OUTPUTS)})
+    if distillation and TEACHER_OUTPUTS in batch:
+        return logits, distillation_loss(logits.float(), batch["labels"], batch[TEACHER_OUTPUTS].float(), *distillation)
     return logits, torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
 
 
@@ -104,6 +121,7 @@ class SentenceClassifier(torch.nn.Module):
 def check_options(
     model_name_or_path: str, learning_rate: Optional[float], weight_decay: float, warmup_ratio: float, layer_decay: float,
     head_learning_rate: Optional[float], num_layers: Optional[int] = None, ema_decay: Optional[float] = None,
+    distill_weight: float = 0.5, distill_temperature: float = 2.0,
 ) -> None:
     """Refuse, before the model loads, values with which training cannot work (`not x > 0` also catches NaN).
     tune.py checks every value of a search space with it, before the study exists."""
@@ -118,6 +136,10 @@ def check_options(
         raise OptionError(f"--model.layer_decay must be above 0 and at most 1 (1: one learning rate for all), not {layer_decay}")
     if ema_decay is not None and not 0 < ema_decay < 1:
         raise OptionError(f"--model.ema_decay must be above 0 and below 1 (e.g. 0.99), or null for none; not {ema_decay}")
+    if not 0 <= distill_weight <= 1:
+        raise OptionError(f"--model.distill_weight must be between 0 and 1 (the teacher's share of the loss), not {distill_weight}")
+    if not 0 < distill_temperature < float("inf"):
+        raise OptionError(f"--model.distill_temperature must be a positive number (e.g. 2), not {distill_temperature}")
     if num_layers is not None and num_layers < 1:
         raise OptionError(f"--model.num_layers must be at least 1, or null for all the model's layers; not {num_layers}")
     if num_layers is not None:  # more layers than the model has would be added with random weights
@@ -155,6 +177,13 @@ class TextClassifier(pl.LightningModule):
             (which then sets only the data order and dropout); None: drawn from --seed_everything. Runs that
             share it start from one point and can be averaged (tune.py --soup); runs with their own random
             heads cannot.
+        teacher: a checkpoint of this project (any model, size or tokenizer, trained on this task's labels) to learn
+            from as well as from the labels: its outputs for the training examples (computed once, cached beside it)
+            and the true labels mixed by distillation_loss. Recorded in checkpoints: a resume with another, or
+            none, is refused.
+        distill_weight: the teacher's share of the loss (0: the labels alone, 1: the teacher alone).
+        distill_temperature: the temperature T both softmaxes are taken at (higher: softer, more of the
+            teacher's view of the wrong labels).
         compile: run training steps' forward and backward passes through torch.compile (on CUDA with CUDA graphs,
             mode="reduce-overhead": one launch per step instead of hundreds of kernel launches); train.py then pads
             sentences to a few lengths (--data.pad_to_buckets) so that few shapes compile. Exports and
@@ -177,11 +206,15 @@ class TextClassifier(pl.LightningModule):
         num_layers: Optional[int] = None,
         ema_decay: Optional[float] = None,
         head_seed: Optional[int] = None,
+        teacher: Optional[str] = None,
+        distill_weight: float = 0.5,
+        distill_temperature: float = 2.0,
         compile: bool = False,
     ) -> None:
         super().__init__()
         check_options(model_name_or_path, learning_rate, weight_decay, warmup_ratio, layer_decay, head_learning_rate,
-                      num_layers, ema_decay)
+                      num_layers, ema_decay, distill_weight, distill_temperature)
+        self._distillation = (distill_weight, distill_temperature) if teacher else None
         self.label_names = list(label_names or LABEL_NAMES)
         self.save_hyperparameters()
         with explain_hub_errors("model", model_name_or_path):
@@ -255,13 +288,13 @@ class TextClassifier(pl.LightningModule):
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, cross-entropy loss) of a batch with labels."""
         if not (self.hparams.compile and self.training):  # validation is short: not worth a second compilation
-            return logits_and_loss(self.model, self.hparams.pooling, batch)
+            return logits_and_loss(self.model, self.hparams.pooling, batch, self._distillation)
         if self._compiled_logits_and_loss is None:
             mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs exist only there
             self._compiled_logits_and_loss = torch.compile(logits_and_loss, mode=mode)
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # a new step: the previous one's graph outputs are done with
-        return self._compiled_logits_and_loss(self.model, self.hparams.pooling, batch)
+        return self._compiled_logits_and_loss(self.model, self.hparams.pooling, batch, self._distillation)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         _, loss = self(batch)

@@ -147,6 +147,7 @@ class TrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
         parser.link_arguments("model.compile", "data.pad_to_buckets")  # few shapes to compile
+        parser.link_arguments("model.teacher", "data.teacher")  # its outputs go in the training batches
         # The model's labels and inputs come from the data (as in Lightning's docs: num_classes from the datamodule).
         parser.link_arguments("data.task", "model.task")
         parser.link_arguments("data.label_names", "model.label_names", apply_on="instantiate")

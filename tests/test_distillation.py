@@ -1,0 +1,131 @@
+"""--model.teacher: a student trained on the true labels and a trained checkpoint's softened outputs (issue 38)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import flip_bytes, run_train, tiny_train_args
+from data import TEACHER_OUTPUTS, TextDataModule, teacher_outputs
+from model import distillation_loss, logits_and_loss
+from test_reliability import train_in_process
+
+
+@pytest.fixture(scope="module")
+def teacher(trained, tmp_path_factory) -> Path:
+    """A copy of the `trained` run's best checkpoint (a model of CoLA's labels, as any run of this project leaves),
+    in a folder of its own: its cached outputs go beside it."""
+    workdir, _ = trained
+    best = workdir / json.loads((workdir / "logs/cola/version_0/metrics.json").read_text())["best_model_path"]
+    copy = tmp_path_factory.mktemp("teacher") / best.name
+    copy.write_bytes(best.read_bytes())
+    return copy
+
+
+def test_the_distillation_loss_is_its_formula():
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.5], [-3.0, 1.0]])
+    labels = torch.tensor([0, 1, 1])
+    teacher_probabilities = [[0.9, 0.1], [0.3, 0.7], [0.2, 0.8]]
+    weight, temperature = 0.3, 2.0
+
+    def softmax(row: list[float]) -> list[float]:
+        exps = [math.exp(x) for x in row]
+        return [e / sum(exps) for e in exps]
+
+    hard = sum(-math.log(softmax(row)[y]) for row, y in zip(logits.tolist(), labels.tolist())) / 3
+    soft = 0.0
+    for row, probabilities in zip(logits.tolist(), teacher_probabilities):
+        teacher = softmax([math.log(p) / temperature for p in probabilities])  # the teacher's softmax at T
+        student = softmax([x / temperature for x in row])
+        soft += sum(t * (math.log(t) - math.log(s)) for t, s in zip(teacher, student))  # KL(teacher || student)
+    expected = (1 - weight) * hard + weight * temperature**2 * soft / 3
+    log_probabilities = torch.tensor(teacher_probabilities).log()
+    assert distillation_loss(logits, labels, log_probabilities, weight, temperature).item() == pytest.approx(expected, rel=1e-6)
+    assert distillation_loss(logits, labels, log_probabilities, 0.0, temperature).item() == pytest.approx(hard, rel=1e-6)
+
+
+def test_training_batches_carry_the_teachers_outputs_and_validation_scores_the_labels(teacher, tiny_model_dir, tiny_data_dir):
+    datamodule = TextDataModule(str(tiny_model_dir), data_dir=str(tiny_data_dir), batch_size=4, teacher=str(teacher))
+    datamodule.setup()
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch[TEACHER_OUTPUTS].shape == (4, 2) and batch[TEACHER_OUTPUTS].exp().sum(1).allclose(torch.ones(4))
+    assert TEACHER_OUTPUTS not in next(iter(datamodule.val_dataloader()))
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+    logits, loss = logits_and_loss(model, "cls", batch, (0.5, 2.0))
+    assert loss.item() == pytest.approx(distillation_loss(logits, batch["labels"], batch[TEACHER_OUTPUTS], 0.5, 2.0).item())
+    assert logits_and_loss(model, "cls", batch)[1].item() == pytest.approx(torch.nn.functional.cross_entropy(logits, batch["labels"]).item())
+
+
+def test_the_teachers_outputs_are_computed_once_per_teacher_and_data(teacher, tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch):
+    import inference
+
+    copy = tmp_path / "teacher.ckpt"
+    copy.write_bytes(teacher.read_bytes())
+    splits, names = TextDataModule(str(tiny_model_dir), data_dir=str(tiny_data_dir))._labelled_splits()
+    first, sha256 = teacher_outputs(str(copy), splits["train"], ["sentence"], names)
+    assert len(first) == 48 and len(list(tmp_path.glob("teacher.teacher-outputs-*.npy"))) == 1
+
+    def no_teacher_run(*args, **kwargs):
+        raise AssertionError("the teacher ran again")
+
+    monkeypatch.setattr(inference, "Predictor", no_teacher_run)
+    assert teacher_outputs(str(copy), splits["train"], ["sentence"], names) == (first, sha256)  # from the cache
+    with pytest.raises(AssertionError, match="the teacher ran again"):  # other data: computed anew
+        teacher_outputs(str(copy), splits["train"].select(range(10)), ["sentence"], names)
+    state = torch.load(copy, weights_only=True)
+    state["state_dict"]["model.classifier.bias"] += 1.0
+    torch.save(state, copy)
+    with pytest.raises(AssertionError, match="the teacher ran again"):  # another teacher: computed anew
+        teacher_outputs(str(copy), splits["train"], ["sentence"], names)
+
+
+def test_a_student_resumes_bit_identically_records_its_teacher_and_exports(teacher, tmp_path, tiny_model_dir, tiny_data_dir):
+    args = tiny_train_args(tiny_model_dir, tiny_data_dir) + [
+        "--trainer.max_epochs", "2", "--model.teacher", str(teacher), "--save_last_every_minutes", "0"]
+    for name in ("undisturbed", "resumed"):
+        (tmp_path / name).mkdir()
+    assert train_in_process(tmp_path / "undisturbed", args).returncode == 0
+    stopped = train_in_process(tmp_path / "resumed", args, sigint_before_step=8)  # Ctrl-C in the second epoch
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    last = "logs/cola/version_0/checkpoints/last.ckpt"
+    resumed = train_in_process(tmp_path / "resumed", [*args, "--ckpt_path", last])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    ours, reference = (torch.load(tmp_path / name / last, weights_only=True) for name in ("resumed", "undisturbed"))
+    assert ours["global_step"] == reference["global_step"] == 12
+    assert all(torch.equal(ours["state_dict"][k], reference["state_dict"][k]) for k in reference["state_dict"])
+    assert ours["hyper_parameters"]["teacher"] == str(teacher)
+    from export import file_sha256
+
+    assert ours["TextDataModule"]["teacher_sha256"] == file_sha256(teacher)
+    best = json.loads((tmp_path / "resumed/logs/cola/version_0/metrics.json").read_text())["best_model_path"]
+    assert (tmp_path / "resumed" / best).with_suffix(".onnx").is_file()
+    # Another teacher, or none, for the same run: refused in one line.
+    for other in (["--model.teacher", str(tmp_path / "undisturbed" / last)], ["--model.teacher", "null"]):
+        refused = train_in_process(tmp_path / "resumed", [*args, *other, "--trainer.max_epochs", "3", "--ckpt_path", last])
+        assert refused.returncode == 1 and "--model.teacher" in refused.stderr.strip().splitlines()[-1]
+
+
+def one_line_error(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and lines[-1].startswith("error: ") and "Traceback" not in result.stderr, result.stderr[-2000:]
+    return lines[-1]
+
+
+def test_a_missing_damaged_or_other_task_teacher_is_one_line(teacher, tmp_path, tiny_model_dir, tiny_data_dir):
+    args = tiny_train_args(tiny_model_dir, tiny_data_dir) + ["--trainer.max_epochs", "1"]
+    assert "no.ckpt: --model.teacher not found" in one_line_error(run_train(tmp_path, *args, "--model.teacher", "no.ckpt"))
+    damaged = tmp_path / "damaged.ckpt"
+    damaged.write_bytes(teacher.read_bytes())
+    flip_bytes(damaged, at=len(teacher.read_bytes()) // 2)
+    assert "damaged.ckpt" in one_line_error(run_train(tmp_path, *args, "--model.teacher", str(damaged)))
+    other = tmp_path / "other.ckpt"
+    state = torch.load(teacher, weights_only=True)
+    state["hf_config"]["id2label"] = {"0": "negative", "1": "positive"}
+    torch.save(state, other)
+    message = one_line_error(run_train(tmp_path, *args, "--model.teacher", str(other)))
+    assert "was trained on labels ['negative', 'positive']" in message and "use a teacher of this task" in message
+    assert not (tmp_path / "logs/cola").exists() or not any((tmp_path / "logs/cola").iterdir())  # nothing trained
