@@ -356,7 +356,8 @@ def test_an_unreachable_hub_is_one_line_soon_and_the_next_run_is_clean(hub, tmp_
     nowhere = f"http://127.0.0.1:{serve_load.free_port()}"  # nothing listens there
     line = fails_in_one_line(run([str(REPO / "train.py"), *ONE_EPOCH], tmp_path, user_env(nowhere, hf_home)), tmp_path)
     assert time.monotonic() - started < 30  # ~8 s here: one probe, no retries with backoff
-    assert f"'{STAND_IN}'" in line and nowhere in line and "unreachable" in line and "--model.model_name_or_path DIR" in line
+    # The data loads first (its labels make the model's head): the dataset is what could not be downloaded.
+    assert f"'{DATASET}'" in line and nowhere in line and "unreachable" in line and "--model.model_name_or_path DIR" in line
     again = run([str(REPO / "train.py"), *ONE_EPOCH], tmp_path, user_env(hub.url, hf_home))  # the Hub back, same cache
     assert again.returncode == 0, again.stderr[-3000:]
 

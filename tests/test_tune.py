@@ -88,7 +88,7 @@ def sweep(tmp_path_factory, tiny_model_dir, tiny_data_dir) -> Path:
     """Two workers that ran one 3-trial study in the default SQLite storage: their working directory."""
     workdir = tmp_path_factory.mktemp("sweep")
     outputs = two_workers(workdir, ["--n_trials", "3", *tune_args(tiny_model_dir, tiny_data_dir)])
-    assert all("| trial | seed | best val MCC | epochs | state |" in out for out in outputs)
+    assert all("| trial | seed | best val_mcc | epochs | state |" in out for out in outputs)
     return workdir
 
 
