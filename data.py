@@ -60,6 +60,7 @@ LABEL_NAMES = GLUE_TASKS["cola"].label_names
 # A user's own files: train.* and dev.* (or validation.*; MNLI's dev_matched.tsv) in one of these formats.
 FILE_STEMS = {"train": ("train",), "validation": ("dev", "validation", "dev_matched")}
 FORMATS = ("tsv", "csv", "jsonl")
+MAX_LABELS = 1000  # more distinct labels than a classification head of this recipe learns from small data
 
 
 class DataError(ValueError):
@@ -553,6 +554,9 @@ class TextDataModule(pl.LightningDataModule):
             values = set(train["label"])
             numbers = all(re.fullmatch(r"-?[0-9]+", v) for v in values)
             names = sorted(values, key=int if numbers else None)
+        if len(names) > MAX_LABELS:  # a column of texts, say: a head of thousands of classes would train on nothing
+            raise DataError(f"{train_source}: {len(names):,} distinct labels (at most {MAX_LABELS:,}): is --data.label_column"
+                            f" {self.hparams.label_column or 'label'} the column of labels?")
         if len(set(train["label"])) < 2:
             only = train[0]["label"]
             raise DataError(f"{train_source}: every example has label {names[only] if isinstance(only, int) else only!r};"

@@ -212,6 +212,8 @@ GOOD_TRAIN = "review,sentiment\nA dog sat.,positive\nA cat sat.,negative\n"
     (GOOD_TRAIN + "A bird sat.\n", GOOD_TRAIN, {}, "train.csv:4: 1 fields, but the header (line 1) names 2"),
     (GOOD_TRAIN + ",negative\n", GOOD_TRAIN, {}, "train.csv:4: empty 'review'"),
     (GOOD_TRAIN, GOOD_TRAIN, {"label_column": "stars"}, "train.csv:1: no column 'stars'"),
+    ("review,sentiment\n" + "".join(f"A dog.,{n}\n" for n in range(1001)), GOOD_TRAIN, {},
+     "train.csv: 1,001 distinct labels (at most 1,000): is --data.label_column sentiment the column of labels?"),
 ])
 def test_bad_files_are_one_data_error_naming_file_and_line(tmp_path, tiny_model_dir, train, dev, options, message):
     write(tmp_path, "train.csv", train)
