@@ -83,7 +83,7 @@ def test_a_non_finite_loss_never_reaches_the_weights(monkeypatch, tiny_model_dir
     real = model_module.logits_and_loss
     losses = []
 
-    def nan_at_step_2(model, pooling, batch):
+    def nan_at_step_2(model, pooling, batch, distillation=None):
         logits, loss = real(model, pooling, batch)
         loss = loss * float("nan") if len(losses) == 1 else loss
         losses.append(loss.detach())
@@ -113,7 +113,7 @@ def test_the_guard_also_stops_before_a_checkpoint_is_saved(monkeypatch, tiny_mod
     """A NaN in the epoch's last step, checked at no log step: the epoch's end stops it, and no checkpoint is saved."""
     real = model_module.logits_and_loss
     monkeypatch.setattr(model_module, "logits_and_loss",
-                        lambda m, p, b: (lambda out: (out[0], out[1] * float("nan")))(real(m, p, b)))
+                        lambda m, p, b, d=None: (lambda out: (out[0], out[1] * float("nan")))(real(m, p, b, d)))
     model = TextClassifier(model_name_or_path=str(tiny_model_dir))
     datamodule = make_datamodule(tiny_model_dir, tiny_data_dir, batch_size=16)  # 3 steps
     trainer = Trainer(max_epochs=1, log_every_n_steps=50, logger=False, default_root_dir=tmp_path,

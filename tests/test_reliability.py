@@ -275,7 +275,8 @@ def test_resuming_from_a_bad_checkpoint_is_refused_in_one_line(trained, tmp_path
         path.write_bytes(data[: len(data) // 2])
     elif kind == "damaged-in-its-middle":  # resumed and ran, exit 0, or 60 lines of traceback, before
         shutil.copy(workdir / "logs/cola/version_0/checkpoints/last.ckpt", path)
-        flip_bytes(path, at=path.stat().st_size // 2)
+        # In the middle of the word vectors' bytes: the file's middle byte may fall between two records.
+        flip_bytes(path, inside=good["state_dict"]["model.bert.embeddings.word_embeddings.weight"].numpy().tobytes())
     elif kind == "pickled-code":
         torch.save({**good, "hf_config": Exploit()}, path)
     elif kind == "foreign":
