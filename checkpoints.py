@@ -436,7 +436,7 @@ def check_same_settings(ckpt_path: str, checkpoint: dict, settings: dict[str, di
                 continue
             if name == "learning_rate" and value is None:
                 continue  # "the default": the model saved the one it picked by model size
-            if name in ("data_dir", "train_file", "validation_file", "teacher") and saved[name] and value and Path(saved[name]).resolve() == Path(value).resolve():
+            if name in ("data_dir", "train_file", "validation_file", "teacher", "unlabelled_file") and saved[name] and value and Path(saved[name]).resolve() == Path(value).resolve():
                 continue  # the same folder, spelt another way
             raise CheckpointError(
                 f"{ckpt_path}: trained with --{group}.{name} {saved[name]}, not {value}: resume with the options"

@@ -7,12 +7,14 @@ import hashlib
 import io
 import json
 import os
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Optional
 
 import datasets
+import numpy as np
 import torch
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Sampler
@@ -259,13 +261,12 @@ def load_local_table(path: Path, text_columns: list[tuple[str, ...]], label_colu
         raise
 
 
-def teacher_outputs(teacher: str, dataset: datasets.Dataset, text_columns: list[str], label_names: list[str]) -> tuple[list, str]:
-    """(the teacher's log-probabilities for each example of dataset, the teacher checkpoint's sha256). Computed once per
-    teacher and data (its ONNX export, inference.Predictor: any model of this project, of any size or tokenizer) and
-    cached beside the teacher's checkpoint as TEACHER.teacher-outputs-SHA-DATA.npy, keyed by both digests, so that a
-    student's epoch costs what a plain epoch costs. CheckpointError (one line) for a teacher that cannot be used."""
-    import numpy as np
-
+def teacher_outputs(teacher: str, texts: list[list[str]], label_names: list[str]) -> tuple["np.ndarray", str]:
+    """(the teacher's log-probabilities for each example, the teacher checkpoint's sha256); texts: one list per text
+    column. Computed once per teacher and data (its ONNX export, inference.Predictor: any model of this project, of any
+    size or tokenizer) and cached beside the teacher's checkpoint as TEACHER.teacher-outputs-SHA-DATA.npy, keyed by
+    both digests, so that a student's epoch costs what a plain epoch costs. CheckpointError (one line) for a teacher
+    that cannot be used."""
     from checkpoints import CheckpointError, remove_dead_writers_files, temporary_path
     from export import file_sha256, user_cache_dir, writable
     from inference import InputError, Predictor
@@ -274,24 +275,24 @@ def teacher_outputs(teacher: str, dataset: datasets.Dataset, text_columns: list[
     if not path.is_file():
         raise CheckpointError(f"{teacher}: --model.teacher not found (a .ckpt file trained by this project)")
     sha256 = file_sha256(path)
-    texts = [list(dataset[column]) for column in text_columns]
+    count = len(texts[0])
     data = hashlib.sha256(json.dumps(texts).encode()).hexdigest()
     name = f"{path.stem}.teacher-outputs-{sha256[:16]}-{data[:16]}.npy"
     cache = path.with_name(name) if writable(path.parent) else user_cache_dir() / name
     try:
         outputs = np.load(cache)
-        if outputs.shape == (len(dataset), len(label_names)) and np.isfinite(outputs).all():
-            return outputs.tolist(), sha256
+        if outputs.shape == (count, len(label_names)) and np.isfinite(outputs).all():
+            return outputs, sha256
     except (OSError, ValueError):  # none yet, or damaged: computed again
         pass
     try:
         predictor = Predictor(path)
     except InputError as e:
         raise CheckpointError(f"{teacher}: --model.teacher: {e}") from None
-    if predictor.labels != label_names or len(predictor.text_names) != len(text_columns):
+    if predictor.labels != label_names or len(predictor.text_names) != len(texts):
         raise CheckpointError(f"{teacher}: --model.teacher was trained on labels {predictor.labels} of {len(predictor.text_names)}"
-                              f" text(s) an example; this data has {label_names} of {len(text_columns)}: use a teacher of this task")
-    print(f"Teacher {path.name}: classifying the {len(dataset)} training examples once (cached as {cache})")
+                              f" text(s) an example; this data has {label_names} of {len(texts)}: use a teacher of this task")
+    print(f"Teacher {path.name}: classifying the {count} training examples once (cached as {cache})")
     results = predictor.predict(list(zip(*texts)) if len(texts) == 2 else texts[0], progress=True)
     if any("error" in result for result in results):
         raise CheckpointError(f"{teacher}: --model.teacher gives no finite output for some training examples: its weights are damaged")
@@ -306,7 +307,44 @@ def teacher_outputs(teacher: str, dataset: datasets.Dataset, text_columns: list[
     except OSError as e:  # a full disk: the run goes on, computing them again next time
         temporary_path(cache).unlink(missing_ok=True)
         print(f"note: the teacher's outputs were not cached ({e.strerror or e})")
-    return outputs.tolist(), sha256
+    return outputs, sha256
+
+
+def perturbed(text: str, copy: int) -> Optional[tuple[str, str]]:
+    """Copy number `copy` of text with one word dropped or two neighbouring words swapped (even odds), and what was
+    done; None for a text of one word, or a swap of two equal words. Seeded by the text and copy alone: the same
+    copies for every run and seed, so that the teacher labels them once (its cache)."""
+    words = text.split()
+    rng = random.Random(f"{copy}\t{text}")  # a str seed is hashed by SHA-512: the same in every process, unlike hash()
+    if len(words) < 2:
+        return None
+    if rng.random() < 0.5:
+        i = rng.randrange(len(words))
+        return " ".join(words[:i] + words[i + 1:]), f"word {i + 1} dropped ({words[i]})"
+    i = rng.randrange(len(words) - 1)
+    if words[i] == words[i + 1]:
+        return None
+    words[i], words[i + 1] = words[i + 1], words[i]
+    return " ".join(words), f"words {i + 1} and {i + 2} swapped"
+
+
+def read_unlabelled(path: Path, text_count: int) -> Iterator[tuple[tuple[str, ...], str]]:
+    """Yield (texts, "FILE:LINE") for each line of a file of unlabelled examples: one text a line, or a pair's two
+    texts separated by a tab (as inference.py --file reads them); blank lines are skipped. DataError for a bad line."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror}) (--data.unlabelled_file)") from None
+    with f:
+        for line_no, raw in enumerate(f, start=1):
+            line = text_line(raw, line_no, path)
+            if not line.strip():
+                continue
+            texts = tuple(line.split("\t")) if text_count == 2 else (line,)
+            if len(texts) != text_count or not all(text.strip() for text in texts):
+                raise DataError(f"{path}:{line_no}: expected {'two texts separated by a tab' if text_count == 2 else 'one text'},"
+                                f" found {line!r} (--data.unlabelled_file)")
+            yield texts, f"{path.name}:{line_no}"
 
 
 def find_split_file(data_dir: Path, split: str) -> Path:
@@ -458,6 +496,11 @@ class TextDataModule(pl.LightningDataModule):
             example; set by train.py from --model.compile.
         teacher: a checkpoint whose outputs for the training examples go in their batches (teacher_outputs); set by
             train.py from --model.teacher.
+        perturbed_copies: with a teacher, this many copies of each training example with a word dropped or two
+            neighbours swapped (perturbed; of a pair, its last text), added to the training data with the teacher's
+            labels (its most probable one for the cross-entropy, its probabilities for distillation).
+        unlabelled_file: with a teacher, a file of more examples for it to label, as perturbed_copies are: one text
+            a line (a pair: two texts and a tab between). Both are recorded in the run folder, extra_examples.tsv.
     """
 
     def __init__(
@@ -476,6 +519,8 @@ class TextDataModule(pl.LightningDataModule):
         group_by_length: bool = True,
         pad_to_buckets: bool = False,
         teacher: Optional[str] = None,
+        perturbed_copies: int = 0,
+        unlabelled_file: Optional[str] = None,
     ) -> None:
         super().__init__()
         if bool(train_file) != bool(validation_file) or (train_file and data_dir):
@@ -499,6 +544,11 @@ class TextDataModule(pl.LightningDataModule):
             raise OptionError(f"--data.batch_size must be at least 1, not {batch_size}")
         if max_length < 3:  # [CLS], one token, [SEP]
             raise OptionError(f"--data.max_length must be at least 3 ([CLS], one token, [SEP]), not {max_length}")
+        if perturbed_copies < 0:
+            raise OptionError(f"--data.perturbed_copies must be 0 or more, not {perturbed_copies}")
+        if (perturbed_copies or unlabelled_file) and not teacher:
+            raise OptionError("--data.perturbed_copies and --data.unlabelled_file add examples that a teacher labels:"
+                              " give one with --model.teacher")
         if num_workers is not None and num_workers < 0:
             raise OptionError(f"--data.num_workers must be 0 or more (0: load batches in the training process), not {num_workers}")
         self.save_hyperparameters()
@@ -594,10 +644,43 @@ class TextDataModule(pl.LightningDataModule):
         self.tokenizer = self._load_tokenizer()
         splits, self._label_names = self._labelled_splits()
         if self.hparams.teacher:
-            outputs, self.teacher_sha256 = teacher_outputs(self.hparams.teacher, splits["train"], self.text_columns, self._label_names)
-            splits["train"] = splits["train"].add_column(TEACHER_OUTPUTS, outputs)
+            splits["train"] = self._taught(splits["train"].select_columns([*self.text_columns, "label"]))
         for split, dataset in splits.items():
             self.splits[split] = self._tokenize(dataset, split)
+
+    def _taught(self, train: datasets.Dataset) -> datasets.Dataset:
+        """The training examples with the teacher's outputs, and the extra examples (perturbed copies, the unlabelled
+        file's) labelled by the teacher; the extra ones are written to the run folder's extra_examples.tsv."""
+        extra = []  # (texts, where from)
+        for copy in range(self.hparams.perturbed_copies):
+            for number, row in enumerate(train, start=1):
+                texts = [row[column] for column in self.text_columns]
+                if change := perturbed(texts[-1], copy):
+                    extra.append(((*texts[:-1], change[0]), f"training example {number}, copy {copy + 1}: {change[1]}"))
+        if self.hparams.unlabelled_file:
+            extra += read_unlabelled(Path(self.hparams.unlabelled_file), len(self.text_columns))
+        texts = [list(train[column]) + [example[i] for example, _ in extra] for i, column in enumerate(self.text_columns)]
+        outputs, self.teacher_sha256 = teacher_outputs(self.hparams.teacher, texts, self._label_names)
+        train = train.add_column(TEACHER_OUTPUTS, outputs[:len(train)].tolist())
+        if not extra:
+            return train
+        labels = outputs[len(train):].argmax(axis=1)
+        columns = {column: texts[i][len(train):] for i, column in enumerate(self.text_columns)}
+        added = datasets.Dataset.from_dict({**columns, "label": labels.tolist(), TEACHER_OUTPUTS: outputs[len(train):].tolist()},
+                                           features=train.features)
+        if self.trainer and self.trainer.is_global_zero and self.trainer.log_dir:
+            self._record(Path(self.trainer.log_dir) / "extra_examples.tsv", extra, labels, outputs[len(train):])
+        return datasets.concatenate_datasets([train, added])
+
+    def _record(self, path: Path, extra: list, labels, log_probs) -> None:
+        header = [*self.text_columns, "teacher_label", *(f"p_{name}" for name in self._label_names), "source"]
+        lines = ["\t".join(header)]
+        for (texts, source), label, row in zip(extra, labels, log_probs):
+            texts = [" ".join(text.split()) for text in texts]  # a tab or line end in a CSV or JSON text would break the TSV
+            lines.append("\t".join([*texts, self._label_names[label], *(f"{p:.4f}" for p in np.exp(row)), source]))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + "\n")
+        print(f"{len(extra)} extra training examples labelled by the teacher: {path}")
 
     def _model_max_length(self) -> int:
         """The longest input the model takes: its tokenizer's model_max_length, and its position embeddings

@@ -66,21 +66,23 @@ def test_the_teachers_outputs_are_computed_once_per_teacher_and_data(teacher, tm
     copy = tmp_path / "teacher.ckpt"
     copy.write_bytes(teacher.read_bytes())
     splits, names = TextDataModule(str(tiny_model_dir), data_dir=str(tiny_data_dir))._labelled_splits()
-    first, sha256 = teacher_outputs(str(copy), splits["train"], ["sentence"], names)
-    assert len(first) == 48 and len(list(tmp_path.glob("teacher.teacher-outputs-*.npy"))) == 1
+    texts = [list(splits["train"]["sentence"])]
+    first, sha256 = teacher_outputs(str(copy), texts, names)
+    assert first.shape == (48, 2) and len(list(tmp_path.glob("teacher.teacher-outputs-*.npy"))) == 1
 
     def no_teacher_run(*args, **kwargs):
         raise AssertionError("the teacher ran again")
 
     monkeypatch.setattr(inference, "Predictor", no_teacher_run)
-    assert teacher_outputs(str(copy), splits["train"], ["sentence"], names) == (first, sha256)  # from the cache
+    cached, cached_sha256 = teacher_outputs(str(copy), texts, names)  # from the cache
+    assert (cached == first).all() and cached_sha256 == sha256
     with pytest.raises(AssertionError, match="the teacher ran again"):  # other data: computed anew
-        teacher_outputs(str(copy), splits["train"].select(range(10)), ["sentence"], names)
+        teacher_outputs(str(copy), [texts[0][:10]], names)
     state = torch.load(copy, weights_only=True)
     state["state_dict"]["model.classifier.bias"] += 1.0
     torch.save(state, copy)
     with pytest.raises(AssertionError, match="the teacher ran again"):  # another teacher: computed anew
-        teacher_outputs(str(copy), splits["train"], ["sentence"], names)
+        teacher_outputs(str(copy), texts, names)
 
 
 def test_a_student_resumes_bit_identically_records_its_teacher_and_exports(teacher, tmp_path, tiny_model_dir, tiny_data_dir):
