@@ -330,6 +330,10 @@ def archive_damage(path: Path) -> Optional[str]:
                 if header[:4] != b"PK\x03\x04" or member.compress_type != zipfile.ZIP_STORED:
                     return f"damaged: its zip entry {member.filename} is broken; this checkpoint cannot be used"
                 name_length, extra_length = struct.unpack("<HH", header[26:30])
+                # The name twice (local header, central directory), as zipfile.open compares them: torch finds a tensor
+                # by its name, so one changed character would load as a missing key, past the CRC-32s below.
+                if data[member.header_offset + 30 : member.header_offset + 30 + name_length] != member.orig_filename.encode():
+                    return f"damaged: its zip entry {member.filename} is broken; this checkpoint cannot be used"
                 start = member.header_offset + 30 + name_length + extra_length
                 with memoryview(data)[start : start + member.compress_size] as stored:
                     if zlib.crc32(stored) != member.CRC:
@@ -431,6 +435,8 @@ def check_same_settings(ckpt_path: str, checkpoint: dict, settings: dict[str, di
     # The model first: options linked into the data (--model.teacher) are named as the user gives them.
     for group, key in (("model", "hyper_parameters"), ("data", "datamodule_hyper_parameters")):
         saved = checkpoint.get(key) or {}
+        if group == "model":
+            saved = {"teacher": None, **saved}  # a checkpoint older than --model.teacher was trained without one
         for name, value in settings[group].items():
             if name in FREE_ON_RESUME or name not in saved or saved[name] == value:
                 continue

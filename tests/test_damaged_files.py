@@ -112,6 +112,14 @@ def damage_checkpoint(path: Path, how: str) -> None:
     elif how == "member-header":
         with zipfile.ZipFile(path) as archive:
             flip_bytes(path, at=archive.infolist()[-1].header_offset, count=4)  # its signature
+    elif how in ("member-name", "directory-name"):  # one character of a tensor's name, in either copy of it
+        with zipfile.ZipFile(path) as archive:
+            member = archive.infolist()[-1]
+        data = path.read_bytes()
+        name = member.filename.encode()
+        at = member.header_offset + 30 if how == "member-name" else data.rfind(name)
+        assert data[at : at + len(name)] == name
+        flip_bytes(path, at=at + len(name) - 1, count=1)
     elif how == "zip-directory":
         flip_bytes(path, at=path.stat().st_size - 60, count=40)
     elif how == "middle":
@@ -120,7 +128,8 @@ def damage_checkpoint(path: Path, how: str) -> None:
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-@pytest.mark.parametrize("how", ["classifier-weights", "pickle", "member-header", "zip-directory", "middle", "cut-short"])
+@pytest.mark.parametrize("how", ["classifier-weights", "pickle", "member-header", "member-name", "directory-name", "zip-directory",
+                                 "middle", "cut-short"])
 def test_a_damaged_checkpoint_is_refused_in_one_line_before_it_is_exported_or_served(checkpoint, tmp_path, how):
     """Exports of its undamaged content are there: they must not be served either."""
     damage_checkpoint(checkpoint, how)
