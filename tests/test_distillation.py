@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import flip_bytes, run_train, tiny_train_args
-from data import TEACHER_OUTPUTS, TextDataModule, teacher_outputs
+from data import TEACHER_OUTPUTS, DataError, TextDataModule, perturbed, read_unlabelled, teacher_outputs
 from model import distillation_loss, logits_and_loss
 from test_reliability import train_in_process
 
@@ -131,3 +131,67 @@ def test_a_missing_damaged_or_other_task_teacher_is_one_line(teacher, tmp_path, 
     message = one_line_error(run_train(tmp_path, *args, "--model.teacher", str(other)))
     assert "was trained on labels ['negative', 'positive']" in message and "use a teacher of this task" in message
     assert not (tmp_path / "logs/cola").exists() or not any((tmp_path / "logs/cola").iterdir())  # nothing trained
+
+
+def test_perturbed_copies_drop_or_swap_a_word_the_same_way_in_every_run():
+    text = "the quick brown fox jumps over the lazy dog"
+    copies = [perturbed(text, copy) for copy in range(40)]
+    assert copies == [perturbed(text, copy) for copy in range(40)]  # seeded by the text and the copy number alone
+    kinds = {change.split()[-1].strip("()") if "dropped" in change else "swapped" for _, change in copies}
+    assert "swapped" in kinds and len(kinds) > 2  # both kinds, and several words dropped
+    for new, change in copies:
+        words, original = new.split(), text.split()
+        if "dropped" in change:
+            i = int(change.split()[1]) - 1
+            assert words == original[:i] + original[i + 1:]
+        else:
+            i = int(change.split()[1]) - 1
+            assert words[i:i + 2] == original[i:i + 2][::-1] and words[:i] + words[i + 2:] == original[:i] + original[i + 2:]
+    assert perturbed("Go.", 0) is None  # a single word has no neighbour and would become empty
+
+
+def test_an_unlabelled_file_is_one_text_or_pair_a_line_and_a_bad_line_is_named(tmp_path):
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("\ufeffA man sleeps.\tSomeone rests.\n\nno\tpair\n")  # a BOM (Notepad's) and a blank line are skipped
+    assert list(read_unlabelled(pairs, 2)) == [(("A man sleeps.", "Someone rests."), "pairs.txt:1"), (("no", "pair"), "pairs.txt:3")]
+    assert next(read_unlabelled(pairs, 1))[0] == ("A man sleeps.\tSomeone rests.",)  # one text: the whole line
+    bad = tmp_path / "bad.txt"
+    bad.write_text("A man sleeps.\tSomeone rests.\nonly one\n")
+    with pytest.raises(DataError, match=r"bad.txt:2: expected two texts separated by a tab"):
+        list(read_unlabelled(bad, 2))
+    with pytest.raises(DataError, match=r"none.txt: cannot read"):
+        list(read_unlabelled(tmp_path / "none.txt", 1))
+
+
+def test_extra_examples_are_labelled_by_the_teacher_and_recorded_in_the_run(teacher, tmp_path, tiny_model_dir, tiny_data_dir):
+    unlabelled = tmp_path / "more.txt"
+    unlabelled.write_text("The dog sat on the mat.\nThe cat sat on the mat.\n")
+    datamodule = TextDataModule(str(tiny_model_dir), data_dir=str(tiny_data_dir), teacher=str(teacher), perturbed_copies=2,
+                                unlabelled_file=str(unlabelled))
+    datamodule.setup()
+    train = datamodule.splits["train"]
+    extra = train.select(range(48, len(train)))
+    assert 48 + 2 * 40 < len(train) <= 48 + 2 * 48 + 2  # two copies of each example but a few (a swap of equal words)
+    outputs = torch.tensor(extra[TEACHER_OUTPUTS])
+    assert torch.equal(torch.tensor(extra["labels"]), outputs.argmax(1))  # the teacher's most probable label
+    args = tiny_train_args(tiny_model_dir, tiny_data_dir) + ["--trainer.max_epochs", "1", "--model.teacher", str(teacher),
+                                                           "--data.perturbed_copies", "2", "--data.unlabelled_file", str(unlabelled)]
+    result = run_train(tmp_path, *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = (tmp_path / "logs/cola/version_0/extra_examples.tsv").read_text().splitlines()
+    assert record[0].split("\t") == ["sentence", "teacher_label", "p_unacceptable", "p_acceptable", "source"]
+    assert len(record) == 1 + len(extra)
+    assert record[-1].startswith("The cat sat on the mat.\t") and record[-1].endswith("\tmore.txt:2")
+    assert "training example 1, copy 1: " in record[1]
+    # Without a teacher, nothing would label them: one line.
+    result = run_train(tmp_path, *tiny_train_args(tiny_model_dir, tiny_data_dir), "--data.perturbed_copies", "1")
+    assert "give one with --model.teacher" in one_line_error(result)
+
+
+def test_a_checkpoint_older_than_the_teacher_option_resumes_only_without_one():
+    from checkpoints import CheckpointError, check_same_settings
+
+    saved = {"hyper_parameters": {"pooling": "cls"}, "datamodule_hyper_parameters": {"batch_size": 8}}
+    check_same_settings("last.ckpt", saved, {"model": {"pooling": "cls", "teacher": None}, "data": {"batch_size": 8}})
+    with pytest.raises(CheckpointError, match="trained with --model.teacher None, not big.ckpt"):
+        check_same_settings("last.ckpt", saved, {"model": {"pooling": "cls", "teacher": "big.ckpt"}, "data": {"batch_size": 8}})
