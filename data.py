@@ -658,7 +658,10 @@ class TextDataModule(pl.LightningDataModule):
                 if change := perturbed(texts[-1], copy):
                     extra.append(((*texts[:-1], change[0]), f"training example {number}, copy {copy + 1}: {change[1]}"))
         if self.hparams.unlabelled_file:
-            extra += read_unlabelled(Path(self.hparams.unlabelled_file), len(self.text_columns))
+            unlabelled = list(read_unlabelled(Path(self.hparams.unlabelled_file), len(self.text_columns)))
+            if not unlabelled:
+                raise DataError(f"{self.hparams.unlabelled_file}: no texts (--data.unlabelled_file: one a line)")
+            extra += unlabelled
         texts = [list(train[column]) + [example[i] for example, _ in extra] for i, column in enumerate(self.text_columns)]
         outputs, self.teacher_sha256 = teacher_outputs(self.hparams.teacher, texts, self._label_names)
         train = train.add_column(TEACHER_OUTPUTS, outputs[:len(train)].tolist())

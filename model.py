@@ -183,7 +183,8 @@ class TextClassifier(pl.LightningModule):
             none, is refused.
         distill_weight: the teacher's share of the loss (0: the labels alone, 1: the teacher alone).
         distill_temperature: the temperature T both softmaxes are taken at (higher: softer, more of the
-            teacher's view of the wrong labels).
+            teacher's view of the wrong labels). 0.5 and 2: the best of the points measured on CoLA (w 0.9 and
+            w 1 at T 1 did worse; benchmarks/README.md, "Distillation"), where none beat training without a teacher.
         compile: run training steps' forward and backward passes through torch.compile (on CUDA with CUDA graphs,
             mode="reduce-overhead": one launch per step instead of hundreds of kernel launches); train.py then pads
             sentences to a few lengths (--data.pad_to_buckets) so that few shapes compile. Exports and

@@ -183,6 +183,9 @@ def test_extra_examples_are_labelled_by_the_teacher_and_recorded_in_the_run(teac
     assert len(record) == 1 + len(extra)
     assert record[-1].startswith("The cat sat on the mat.\t") and record[-1].endswith("\tmore.txt:2")
     assert "training example 1, copy 1: " in record[1]
+    (tmp_path / "empty.txt").write_text("\n")
+    result = run_train(tmp_path, *args[:-1], str(tmp_path / "empty.txt"))
+    assert one_line_error(result).endswith("empty.txt: no texts (--data.unlabelled_file: one a line)")
     # Without a teacher, nothing would label them: one line.
     result = run_train(tmp_path, *tiny_train_args(tiny_model_dir, tiny_data_dir), "--data.perturbed_copies", "1")
     assert "give one with --model.teacher" in one_line_error(result)
