@@ -354,6 +354,7 @@ def test_what_a_writer_killed_mid_write_left_is_removed_by_the_next_write_there(
     assert target.exists() and not dead.exists() and live.read_bytes() == b"being written"
 
 
+@pytest.mark.slow  # ~20-35 s: the fast tier keeps the quicker tests of the same code
 def test_kill_9_during_the_onnx_export_leaves_nothing_the_next_run_trips_on(best_checkpoint, tmp_path):
     """Held, now with nothing left behind: inference.py killed at three moments of its first-use export; the next
     run exports, answers, and leaves only the checkpoint and its export."""

@@ -117,6 +117,7 @@ def one_line_error(result) -> str:
     return lines[-1]
 
 
+@pytest.mark.slow  # ~20-35 s: the fast tier keeps the quicker tests of the same code
 def test_a_missing_damaged_or_other_task_teacher_is_one_line(teacher, tmp_path, tiny_model_dir, tiny_data_dir):
     args = tiny_train_args(tiny_model_dir, tiny_data_dir) + ["--trainer.max_epochs", "1"]
     assert "no.ckpt: --model.teacher not found" in one_line_error(run_train(tmp_path, *args, "--model.teacher", "no.ckpt"))
@@ -163,6 +164,7 @@ def test_an_unlabelled_file_is_one_text_or_pair_a_line_and_a_bad_line_is_named(t
         list(read_unlabelled(tmp_path / "none.txt", 1))
 
 
+@pytest.mark.slow  # ~20-35 s: the fast tier keeps the quicker tests of the same code
 def test_extra_examples_are_labelled_by_the_teacher_and_recorded_in_the_run(teacher, tmp_path, tiny_model_dir, tiny_data_dir):
     unlabelled = tmp_path / "more.txt"
     unlabelled.write_text("The dog sat on the mat.\nThe cat sat on the mat.\n")

@@ -639,6 +639,7 @@ def test_checkpoint_may_be_a_folder_of_runs(trained, best_checkpoint):
         resolve_checkpoint(workdir / "logs")
 
 
+@pytest.mark.slow  # ~20-35 s: the fast tier keeps the quicker tests of the same code
 def test_glue_test_set_gives_the_leaderboards_cola_tsv(trained, predictor, tmp_path):
     """GLUE's CoLA test.tsv (index, sentence; a header) in, the leaderboard's CoLA.tsv (index, prediction) out."""
     workdir, _ = trained
