@@ -652,9 +652,9 @@ class TextDataModule(pl.LightningDataModule):
         """The training examples with the teacher's outputs, and the extra examples (perturbed copies, the unlabelled
         file's) labelled by the teacher; the extra ones are written to the run folder's extra_examples.tsv."""
         extra = []  # (texts, where from)
+        rows = list(zip(*(train[column] for column in self.text_columns)))  # by column: Arrow rows one by one are slow
         for copy in range(self.hparams.perturbed_copies):
-            for number, row in enumerate(train, start=1):
-                texts = [row[column] for column in self.text_columns]
+            for number, texts in enumerate(rows, start=1):
                 if change := perturbed(texts[-1], copy):
                     extra.append(((*texts[:-1], change[0]), f"training example {number}, copy {copy + 1}: {change[1]}"))
         if self.hparams.unlabelled_file:
