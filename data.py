@@ -662,7 +662,7 @@ class TextDataModule(pl.LightningDataModule):
             if not unlabelled:
                 raise DataError(f"{self.hparams.unlabelled_file}: no texts (--data.unlabelled_file: one a line)")
             extra += unlabelled
-        texts = [list(train[column]) + [example[i] for example, _ in extra] for i, column in enumerate(self.text_columns)]
+        texts = [list(column) for column in zip(*rows, *(example for example, _ in extra))]  # a list per text column
         outputs, self.teacher_sha256 = teacher_outputs(self.hparams.teacher, texts, self._label_names)
         train = train.add_column(TEACHER_OUTPUTS, outputs[:len(train)].tolist())
         if not extra:
