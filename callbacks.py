@@ -67,6 +67,8 @@ class BestAndLastCheckpoint(ModelCheckpoint):
     killed later resumed from there, losing every epoch since. (Lightning saves at the end of the training
     epoch, after its validation, or at the end of a validation run within an epoch.)"""
 
+    best_model_metrics: dict[str, float] = {}  # every val_* value of the best checkpoint's validation (metrics.json)
+
     @property
     def state_key(self) -> str:
         # ModelCheckpoint's key, under which checkpoints keep the best score (resumes of earlier runs find it there,
@@ -84,6 +86,8 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         # a 1.31 GB best checkpoint of a 110M model is 0.44 GB without them); last.ckpt keeps all a resume needs.
         # Except with --model.ema_decay: Lightning 2.6 saves weights only without asking callbacks, and the
         # average would not replace the trained weights.
+        if filepath == self.best_model_path:  # a new best: its validation's values, per group too, for the run's report
+            self.best_model_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
         full = self.save_weights_only
         averaging = any(isinstance(callback, WeightAveraging) for callback in trainer.callbacks)
         self.save_weights_only = full or (filepath != self.last_model_path and not averaging)  # last: set before its save
@@ -91,6 +95,13 @@ class BestAndLastCheckpoint(ModelCheckpoint):
             super()._save_checkpoint(trainer, filepath)
         finally:
             self.save_weights_only = full
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "best_model_metrics": self.best_model_metrics}  # a resumed run reports them too
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.best_model_metrics = state_dict.get("best_model_metrics", {})  # none in checkpoints of before 2026-12-07
 
     def _also_save_last(self, trainer: Trainer, saves_here: bool, save: Any, pl_module: LightningModule) -> None:
         saves_here = saves_here and not self._should_skip_saving_checkpoint(trainer)

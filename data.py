@@ -27,6 +27,10 @@ SPLIT_FILES = {"train": "train.tsv", "validation": "dev.tsv"}  # GLUE names the 
 MODEL_INPUTS = ["input_ids", "token_type_ids", "attention_mask", "labels"]
 TEACHER_OUTPUTS = "teacher_log_probs"  # a training batch's teacher log-probabilities, with --model.teacher
 METRICS = ("mcc", "accuracy", "f1")  # validation metrics logged for every task (val_mcc, val_accuracy, val_f1)
+# With --data.group_column: a validation batch's flags, 1 where the example's group (CoLA's source, a user's customer)
+# occurs in the training data. The model logs the metrics again for each part: val_seen_mcc, val_unseen_mcc, ...
+GROUP_SEEN = "group_seen"
+GROUP_PARTS = ("seen", "unseen")
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,7 @@ def default_metric(task: str) -> str:
 
 
 def read_glue_tsv(path: Path) -> Iterator[dict]:
-    """Yield {"sentence", "label"} rows of a GLUE CoLA file (source, label, star, sentence; no header).
+    """Yield {"sentence", "label", "source"} rows of a GLUE CoLA file (source, label, star, sentence; no header).
 
     Parsed by hand rather than as CSV: CoLA sentences contain quote characters that a CSV reader
     would take as quoting. Blank lines at the end (editors add one) are ignored. Any other malformed
@@ -107,13 +111,13 @@ def read_glue_tsv(path: Path) -> Iterator[dict]:
                 raise DataError(
                     f"{where}: expected 4 tab-separated columns (source, label, star, sentence), found {len(columns)}"
                 )
-            _, label, _, sentence = columns
+            source, label, _, sentence = columns
             if label not in ("0", "1"):
                 raise DataError(f"{where}: label must be 0 or 1, found {label!r}")
             if not sentence.strip():
                 raise DataError(f"{where}: empty sentence")
             rows += 1
-            yield {"sentence": sentence, "label": int(label)}
+            yield {"sentence": sentence, "label": int(label), "source": source}
     if rows == 0:
         raise DataError(f"{path}: empty file (no sentences)")
 
@@ -156,8 +160,9 @@ def load_cola_file(path: Path, split: str) -> datasets.Dataset:
             return datasets.Dataset.from_generator(
                 read_glue_tsv,
                 gen_kwargs={"path": path},
-                features=datasets.Features({"sentence": datasets.Value("string"), "label": datasets.Value("int64")}),
-                fingerprint=f"cola-{split}-{_file_digest(path)}",
+                features=datasets.Features({"sentence": datasets.Value("string"), "label": datasets.Value("int64"),
+                                            "source": datasets.Value("string")}),
+                fingerprint=f"cola-source-{split}-{_file_digest(path)}",  # "source": older caches lack that column
             )
     except datasets.exceptions.DatasetGenerationError as e:
         if isinstance(e.__cause__, DataError):
@@ -165,10 +170,11 @@ def load_cola_file(path: Path, split: str) -> datasets.Dataset:
         raise
 
 
-def read_table(path: Path, text_columns: list[tuple[str, ...]], label_columns: list[str], names: tuple[str, ...]) -> Iterator[dict]:
+def read_table(path: Path, text_columns: list[tuple[str, ...]], label_columns: list[str], names: tuple[str, ...],
+               group_column: Optional[str] = None) -> Iterator[dict]:
     """Yield {name: text, ..., "label": str, "line": n} rows of a TSV, CSV or JSON Lines file with a header (JSON Lines:
     an object a line), its columns chosen by name: the first of text_columns (and of label_columns) that the file
-    has, its texts named names in the rows. TSV is read as GLUE writes it, without quoting (sentences hold quote
+    has, its texts named names in the rows; with group_column, that column's value too, as "group" (it may be empty). TSV is read as GLUE writes it, without quoting (sentences hold quote
     characters); CSV with quoting, as spreadsheets write it. A bad line raises DataError naming the file and line."""
     kind = path.suffix[1:]
     try:
@@ -204,8 +210,18 @@ def read_table(path: Path, text_columns: list[tuple[str, ...]], label_columns: l
                         missing = ", ".join(repr(c) for c in wanted if c not in have)
                         raise DataError(f"{path}:{1 if kind != 'jsonl' else line_no}: no column {missing} (it has {', '.join(map(repr, have))}):"
                                         " name yours with --data.text_columns [TEXT] or [TEXT1,TEXT2] and --data.label_column LABEL")
+                    if group_column is not None and group_column not in have:
+                        raise DataError(f"{path}:{1 if kind != 'jsonl' else line_no}: no column {group_column!r} (it has"
+                                        f" {', '.join(map(repr, have))}): --data.group_column names one of them")
                     columns = dict(zip(names, text))
                 row = {"line": line_no}
+                if group_column is not None:
+                    group = record.get(group_column)
+                    if isinstance(group, (int, float, bool)):
+                        group = json.dumps(group)
+                    if not isinstance(group, str):
+                        raise DataError(f"{where}: column {group_column!r} is {'missing' if group is None else 'not text'}")
+                    row["group"] = group
                 for name, column in [*columns.items(), ("label", label)]:
                     value = record.get(column)
                     if isinstance(value, (int, float, bool)) and name == "label":
@@ -242,17 +258,20 @@ def json_object(line: str, where: str) -> dict:
     return record
 
 
-def load_local_table(path: Path, text_columns: list[tuple[str, ...]], label_columns: list[str], names: tuple[str, ...]) -> datasets.Dataset:
+def load_local_table(path: Path, text_columns: list[tuple[str, ...]], label_columns: list[str], names: tuple[str, ...],
+                     group_column: Optional[str] = None) -> datasets.Dataset:
     """read_table's rows as an Arrow dataset, cached by the file's content and the columns chosen."""
-    choice = hashlib.sha256(json.dumps([text_columns, label_columns, names]).encode()).hexdigest()[:16]
+    choice = hashlib.sha256(json.dumps([text_columns, label_columns, names, group_column]).encode()).hexdigest()[:16]
+    group = {"group": datasets.Value("string")} if group_column is not None else {}
     try:
         with no_progress_bars():
             return datasets.Dataset.from_generator(
                 read_table,
                 # Tuples: datasets would take lists in gen_kwargs as shards to split the work over.
-                gen_kwargs={"path": path, "text_columns": tuple(text_columns), "label_columns": tuple(label_columns), "names": names},
+                gen_kwargs={"path": path, "text_columns": tuple(text_columns), "label_columns": tuple(label_columns), "names": names,
+                            "group_column": group_column},
                 features=datasets.Features({**{n: datasets.Value("string") for n in names}, "label": datasets.Value("string"),
-                                            "line": datasets.Value("int64")}),
+                                            "line": datasets.Value("int64"), **group}),
                 fingerprint=f"table-{_file_digest(path)}-{choice}",
             )
     except datasets.exceptions.DatasetGenerationError as e:
@@ -501,6 +520,10 @@ class TextDataModule(pl.LightningDataModule):
             labels (its most probable one for the cross-entropy, its probabilities for distillation).
         unlabelled_file: with a teacher, a file of more examples for it to label, as perturbed_copies are: one text
             a line (a pair: two texts and a tab between). Both are recorded in the run folder, extra_examples.tsv.
+        group_column: a column of your files that groups the examples (CoLA's `source` in GLUE's files; a customer,
+            a product, a site): the validation metrics are logged again for the examples whose group occurs in the
+            training data (val_seen_mcc, ...) and for the others (val_unseen_mcc, ...: how the model carries over to
+            a group it never saw). The monitored metric stays the overall one.
     """
 
     def __init__(
@@ -521,6 +544,7 @@ class TextDataModule(pl.LightningDataModule):
         teacher: Optional[str] = None,
         perturbed_copies: int = 0,
         unlabelled_file: Optional[str] = None,
+        group_column: Optional[str] = None,
     ) -> None:
         super().__init__()
         if bool(train_file) != bool(validation_file) or (train_file and data_dir):
@@ -535,6 +559,12 @@ class TextDataModule(pl.LightningDataModule):
         if text_columns is not None and (len(text_columns) not in (1, 2) or len(set(text_columns)) != len(text_columns)):
             raise OptionError(f"--data.text_columns names one column (single texts) or two (pairs), e.g. [sentence] or"
                               f" [question1,question2]; not {text_columns}")
+        if group_column is not None and not local:
+            raise OptionError("--data.group_column names a column of your files (--data.data_dir); the Hub's GLUE tasks have"
+                              " none (for CoLA's sources: GLUE's own TSV files, --data.data_dir and --data.group_column source)")
+        if group_column is not None and (not group_column.strip() or group_column in (text_columns or [])
+                                         or group_column in ("label", label_column)):
+            raise OptionError(f"--data.group_column must name a column other than the texts and the labels, not {group_column!r}")
         if (text_columns or label_column) and not local:
             raise OptionError("--data.text_columns and --data.label_column choose columns of your files (--data.data_dir);"
                               " a GLUE task from the Hub has its own")
@@ -559,6 +589,7 @@ class TextDataModule(pl.LightningDataModule):
         self.splits: dict[str, datasets.Dataset] = {}
         self._label_names: Optional[list[str]] = None
         self.teacher_sha256: Optional[str] = None  # the teacher's content, recorded in checkpoints (state_dict)
+        self.group_sizes: dict[str, int] = {}  # validation examples of a group seen in training, and not: group_column
 
     @property
     def label_names(self) -> list[str]:
@@ -581,14 +612,19 @@ class TextDataModule(pl.LightningDataModule):
             raise DataError(f"{path}: {option} takes a .tsv, .csv or .jsonl file")
         if given and not path.is_file():
             raise DataError(f"{path}: file not found ({option})")
+        group_column = self.hparams.group_column
         if task == "cola" and not self.hparams.text_columns and is_headerless_cola(path):
-            return load_cola_file(path, split), str(path)
+            if group_column not in (None, "source"):
+                raise DataError(f"{path}: GLUE's CoLA files have the columns source, label, star and sentence, no {group_column!r}:"
+                                " use --data.group_column source")
+            dataset = load_cola_file(path, split)
+            return (dataset.rename_column("source", "group") if group_column else dataset.remove_columns("source")), str(path)
         if self.hparams.text_columns:
             text_columns = [tuple(self.hparams.text_columns)]
         else:  # GLUE's TSV header, or the Hub's names (a Hub split saved as CSV, say)
             text_columns = [glue.tsv_text_columns, glue.text_columns] if glue and glue.tsv_text_columns else [tuple(self.text_columns)]
         label_columns = [self.hparams.label_column or (glue.tsv_label_column if glue else "label"), "label"]
-        return load_local_table(path, text_columns, label_columns, tuple(self.text_columns)), str(path)
+        return load_local_table(path, text_columns, label_columns, tuple(self.text_columns), group_column), str(path)
 
     def _labelled_splits(self) -> tuple[dict[str, datasets.Dataset], list[str]]:
         """Both splits with label ids 0..n-1, and the labels' names; DataError for a label the training data lacks,
@@ -628,6 +664,21 @@ class TextDataModule(pl.LightningDataModule):
             splits[split] = dataset.remove_columns(["label", "line"]).add_column("label", labels)
         return splits, names
 
+    def _mark_seen_groups(self, train: datasets.Dataset, validation: datasets.Dataset) -> datasets.Dataset:
+        """validation with GROUP_SEEN (1: the example's group occurs in train), when both parts have examples."""
+        column, seen = self.hparams.group_column, set(train["group"])
+        flags = [int(group in seen) for group in validation["group"]]
+        unseen = sorted(set(validation["group"]) - seen)
+        if not 0 < sum(flags) < len(flags):
+            print(f"note: --data.group_column {column}: {'every' if all(flags) else 'no'} validation example's {column} occurs"
+                  " in the training data: only the overall metrics are logged")
+            return validation
+        self.group_sizes = {"seen": sum(flags), "unseen": len(flags) - sum(flags)}
+        shown = ", ".join(unseen[:5]) + (f" and {len(unseen) - 5} more" if len(unseen) > 5 else "")
+        print(f"validation: {self.group_sizes['seen']} examples of a {column} seen in training (val_seen_*), {self.group_sizes['unseen']}"
+              f" of {len(unseen)} unseen (val_unseen_*: {shown})")
+        return validation.add_column(GROUP_SEEN, flags)
+
     def _load_tokenizer(self):
         with explain_hub_errors("tokenizer", self.hparams.model_name_or_path):
             return AutoTokenizer.from_pretrained(self.hparams.model_name_or_path)
@@ -643,6 +694,8 @@ class TextDataModule(pl.LightningDataModule):
             return
         self.tokenizer = self._load_tokenizer()
         splits, self._label_names = self._labelled_splits()
+        if self.hparams.group_column:
+            splits["validation"] = self._mark_seen_groups(splits["train"], splits["validation"])
         if self.hparams.teacher:
             splits["train"] = self._taught(splits["train"].select_columns([*self.text_columns, "label"]))
         for split, dataset in splits.items():
@@ -709,7 +762,7 @@ class TextDataModule(pl.LightningDataModule):
         if truncated:
             print(f"{split}: {truncated} of {len(dataset)} sentences truncated to max_length={max_length} tokens")
         dataset = dataset.rename_column("label", "labels")
-        return dataset.select_columns([c for c in [*MODEL_INPUTS, TEACHER_OUTPUTS] if c in dataset.column_names])
+        return dataset.select_columns([c for c in [*MODEL_INPUTS, TEACHER_OUTPUTS, GROUP_SEEN] if c in dataset.column_names])
 
     def state_dict(self) -> dict:
         return {"teacher_sha256": self.teacher_sha256} if self.teacher_sha256 else {}

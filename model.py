@@ -23,7 +23,7 @@ from torchmetrics.classification import (
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, get_linear_schedule_with_warmup
 
 from checkpoints import CheckpointError
-from data import LABEL_NAMES, TEACHER_OUTPUTS, OptionError
+from data import GROUP_PARTS, GROUP_SEEN, LABEL_NAMES, TEACHER_OUTPUTS, OptionError
 from hub import explain_hub_errors
 
 
@@ -96,7 +96,7 @@ def logits_and_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, loss) of a batch with labels: the part of a step that --model.compile compiles. The loss is the
     cross-entropy, or with distillation (weight, temperature) and the teacher's outputs in the batch, distillation_loss."""
-    logits = sentence_logits(model, pooling, {k: v for k, v in batch.items() if k not in ("labels", TEACHER_OUTPUTS)})
+    logits = sentence_logits(model, pooling, {k: v for k, v in batch.items() if k not in ("labels", TEACHER_OUTPUTS, GROUP_SEEN)})
     if distillation and TEACHER_OUTPUTS in batch:
         return logits, distillation_loss(logits.float(), batch["labels"], batch[TEACHER_OUTPUTS].float(), *distillation)
     return logits, torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
@@ -279,6 +279,8 @@ class TextClassifier(pl.LightningModule):
              "f1": MulticlassF1Score(n, average="macro")},
             prefix="val_",
         )
+        # The same metrics for the validation examples whose group (--data.group_column) training saw, and the others.
+        self.val_group_metrics = torch.nn.ModuleDict({part: self.val_metrics.clone(prefix=f"val_{part}_") for part in GROUP_PARTS})
         self.val_loss = MeanMetric()
         self.val_confusion = BinaryConfusionMatrix() if n == 2 else MulticlassConfusionMatrix(n)
         self.val_pr_curve = BinaryPrecisionRecallCurve(thresholds=101) if n == 2 else None  # binned: constant memory, cheap DDP sync
@@ -353,6 +355,12 @@ class TextClassifier(pl.LightningModule):
             metric.update(scores, labels)
         self.log_dict(self.val_metrics, prog_bar=True)
         self.log("val_loss", self.val_loss, prog_bar=True)
+        if GROUP_SEEN in batch:  # in every batch or none: the data module adds it when both parts have examples
+            for part, metrics in self.val_group_metrics.items():
+                keep = batch[GROUP_SEEN] == (part == "seen")
+                if keep.any():  # torchmetrics refuses an empty update
+                    metrics.update(scores[keep], labels[keep])
+                self.log_dict(metrics)  # in every batch, so that every DDP process computes (a collective) at the end
 
     def on_validation_epoch_end(self) -> None:
         # compute() is a collective under DDP: every rank calls it; only rank zero draws.

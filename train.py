@@ -39,7 +39,7 @@ try:  # torch and Lightning take seconds to import: a Ctrl-C meanwhile is one li
         SanityChecks, StopOnSignal, StoppedBySignal, TrainingThroughput,
     )
     from checkpoints import RUN_VERSION_ENV, CheckpointError, check_resumable, choose_run_folder, requeued_checkpoint
-    from data import DataError, OptionError, TextDataModule, default_metric
+    from data import METRICS, DataError, OptionError, TextDataModule, default_metric
     from hub import HubError
     from model import NonFiniteLossError, TextClassifier, check_options
 except KeyboardInterrupt:
@@ -255,6 +255,11 @@ def report(trainer: Trainer, datamodule: TextDataModule, timer: Timer, throughpu
         "train_samples_per_second": throughput.samples_trained * trainer.world_size / train_seconds,
         "last_epoch_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
     }
+    best = getattr(checkpoint, "best_model_metrics", {})
+    groups = {part: {"examples": size, **{name: best[f"val_{part}_{name}"] for name in METRICS if f"val_{part}_{name}" in best}}
+              for part, size in datamodule.group_sizes.items()}
+    if groups:  # --data.group_column: the best checkpoint's metrics on the groups training saw, and on the others
+        summary["group_column"], summary["best_by_group"] = datamodule.hparams.group_column, groups
     run_dir = Path(trainer.logger.log_dir)
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     hparams = {**trainer.lightning_module.hparams, **datamodule.hparams, "max_epochs": trainer.max_epochs}
@@ -262,6 +267,10 @@ def report(trainer: Trainer, datamodule: TextDataModule, timer: Timer, throughpu
     trainer.logger.log_hyperparams(hparams, metrics={f"hp/best_{monitor}": best_score})
     trainer.logger.finalize("success")  # fit had closed the event file; logging reopened it: flush and close
     print(f"\nBest {monitor} {best_score:.4f}: {checkpoint.best_model_path}")
+    metric = monitor.removeprefix("val_")
+    for part, values in groups.items():
+        print(f"  {part + ' ' + datamodule.hparams.group_column + 's:':<16} {monitor} {values.get(metric, float('nan')):.4f}"
+              f" ({values['examples']} examples; accuracy {values.get('accuracy', float('nan')):.4f})")
     print(f"Run folder (metrics.json, TensorBoard): {run_dir}")
 
 

@@ -21,8 +21,8 @@ def test_reads_glue_layout_keeping_quotes(tmp_path):
     path.write_bytes(b'gj04\t1\t\tHe said "hi" to \'them\'.\r\ngj04\t0\t*\tHim sat bench.\n')
     rows = list(read_glue_tsv(path))
     assert rows == [
-        {"sentence": "He said \"hi\" to 'them'.", "label": 1},
-        {"sentence": "Him sat bench.", "label": 0},
+        {"sentence": "He said \"hi\" to 'them'.", "label": 1, "source": "gj04"},
+        {"sentence": "Him sat bench.", "label": 0, "source": "gj04"},
     ]
 
 
@@ -30,7 +30,7 @@ def test_local_folder_loads_both_splits(tiny_data_dir):
     train, dev = load_local_cola(tiny_data_dir, "train"), load_local_cola(tiny_data_dir, "validation")
     assert (len(train), len(dev)) == (48, 24)
     first_line = (tiny_data_dir / "train.tsv").read_text().splitlines()[0].split("\t")
-    assert train[0] == {"sentence": first_line[3], "label": int(first_line[1])}
+    assert train[0] == {"sentence": first_line[3], "label": int(first_line[1]), "source": first_line[0]}
     assert set(train["label"]) == {0, 1}
 
 
@@ -255,7 +255,7 @@ def test_well_formed_files_load_exactly_quotes_and_all(tmp_path, table, line_end
     path.write_bytes(data)
     result = read_or_data_error(path)
     if data == tsv_bytes(table, line_end, final_line_end):  # what was written is UTF-8
-        expected = [{"sentence": sentence, "label": int(label)} for _, label, _, sentence in table]
+        expected = [{"sentence": sentence, "label": int(label), "source": source} for source, label, _, sentence in table]
         assert result == (expected or None)  # an empty file is a DataError
     elif encoding == "utf-16":
         assert result is None  # its byte-order mark is not UTF-8
