@@ -326,6 +326,10 @@ def main(args: Optional[list[str]] = None, callbacks: Sequence[Callback] = (), e
         },
     )
     trainer = cli.trainer
+    if cli.datamodule.hparams.teacher:
+        from distill import add_teacher_outputs  # it runs the teacher through inference.py: loaded only for a student
+
+        cli.datamodule.teach = add_teacher_outputs
     try:
         # weights_only: resuming never runs code pickled into a checkpoint (check_resumable already refused such a file).
         trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path, weights_only=True)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import flip_bytes, run_train, tiny_train_args
-from data import TEACHER_OUTPUTS, DataError, TextDataModule, perturbed, read_unlabelled, teacher_outputs
+from data import TEACHER_OUTPUTS, DataError, TextDataModule
+from distill import add_teacher_outputs, perturbed, read_unlabelled, teacher_outputs
 from model import distillation_loss, logits_and_loss
 from test_reliability import train_in_process
 
@@ -48,6 +49,7 @@ def test_the_distillation_loss_is_its_formula():
 
 def test_training_batches_carry_the_teachers_outputs_and_validation_scores_the_labels(teacher, tiny_model_dir, tiny_data_dir):
     datamodule = TextDataModule(str(tiny_model_dir), data_dir=str(tiny_data_dir), batch_size=4, teacher=str(teacher))
+    datamodule.teach = add_teacher_outputs  # as train.py wires it
     datamodule.setup()
     batch = next(iter(datamodule.train_dataloader()))
     assert batch[TEACHER_OUTPUTS].shape == (4, 2) and batch[TEACHER_OUTPUTS].exp().sum(1).allclose(torch.ones(4))
@@ -61,7 +63,7 @@ def test_training_batches_carry_the_teachers_outputs_and_validation_scores_the_l
 
 
 def test_the_teachers_outputs_are_computed_once_per_teacher_and_data(teacher, tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch):
-    import inference
+    import distill
 
     copy = tmp_path / "teacher.ckpt"
     copy.write_bytes(teacher.read_bytes())
@@ -73,7 +75,7 @@ def test_the_teachers_outputs_are_computed_once_per_teacher_and_data(teacher, tm
     def no_teacher_run(*args, **kwargs):
         raise AssertionError("the teacher ran again")
 
-    monkeypatch.setattr(inference, "Predictor", no_teacher_run)
+    monkeypatch.setattr(distill, "Predictor", no_teacher_run)
     cached, cached_sha256 = teacher_outputs(str(copy), texts, names)  # from the cache
     assert (cached == first).all() and cached_sha256 == sha256
     with pytest.raises(AssertionError, match="the teacher ran again"):  # other data: computed anew
@@ -170,6 +172,7 @@ def test_extra_examples_are_labelled_by_the_teacher_and_recorded_in_the_run(teac
     unlabelled.write_text("The dog sat on the mat.\nThe cat sat on the mat.\n")
     datamodule = TextDataModule(str(tiny_model_dir), data_dir=str(tiny_data_dir), teacher=str(teacher), perturbed_copies=2,
                                 unlabelled_file=str(unlabelled))
+    datamodule.teach = add_teacher_outputs
     datamodule.setup()
     train = datamodule.splits["train"]
     extra = train.select(range(48, len(train)))
