@@ -448,3 +448,36 @@ def check_same_settings(ckpt_path: str, checkpoint: dict, settings: dict[str, di
                 f"{ckpt_path}: trained with --{group}.{name} {saved[name]}, not {value}: resume with the options"
                 " it was trained with (its run folder's config.yaml has them), or start a new run"
             )
+
+
+def check_same_weights(where: str, ours: dict, theirs: dict, model_name_or_path: str) -> None:
+    """CheckpointError unless the checkpoint's weights (theirs) have the names and shapes of the model's (ours): checked
+    before Lightning loads them, whose own errors would be tracebacks."""
+    if ours.keys() != theirs.keys():
+        name = sorted(ours.keys() ^ theirs.keys())[0]
+        raise CheckpointError(
+            f"{where}: a checkpoint of another model ({name} is only in one of it and"
+            f" {model_name_or_path}): resume with the --model.model_name_or_path it was trained from"
+        )
+    for name, weight in theirs.items():
+        if ours[name].shape != weight.shape:
+            raise CheckpointError(
+                f"{where}: a checkpoint of a model of another size ({name}: {tuple(weight.shape)}, but"
+                f" {tuple(ours[name].shape)} in {model_name_or_path}): resume with the"
+                " --model.model_name_or_path it was trained from"
+            )
+
+
+def check_rng_states(where: str, states: Optional[dict]) -> None:
+    """CheckpointError for a saved random state that torch cannot set (tried now, so that a damaged one is one line)."""
+    if not states:
+        return
+    import torch  # here alone: inference and serve.py read checkpoints without PyTorch
+
+    saved = torch.get_rng_state()
+    try:
+        torch.set_rng_state(states["cpu"])
+    except Exception as e:  # KeyError, TypeError, RuntimeError: all mean a damaged file
+        raise CheckpointError(f"{where}: its saved random state is damaged ({type(e).__name__}: {e})") from None
+    finally:
+        torch.set_rng_state(saved)

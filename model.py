@@ -1,6 +1,5 @@
 """A pretrained BERT-family encoder fine-tuned to classify texts or pairs of texts (CoLA by default), as a LightningModule."""
 
-import re
 import tempfile
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -22,13 +21,10 @@ from torchmetrics.classification import (
 )
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, get_linear_schedule_with_warmup
 
-from checkpoints import CheckpointError
+from checkpoints import check_rng_states, check_same_weights
 from data import GROUP_PARTS, GROUP_SEEN, LABEL_NAMES, TEACHER_OUTPUTS, OptionError
 from hub import explain_hub_errors
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite: training stops before that step reaches the weights."""
+from optimizer import NonFiniteLossError, NonFiniteLossGuard, parameter_groups  # noqa: F401 (the error: its name here too)
 
 
 class MatthewsCorrCoef(BinaryMatthewsCorrCoef):
@@ -40,28 +36,6 @@ class MatthewsCorrCoef(BinaryMatthewsCorrCoef):
         if (tp + fp) * (tp + fn) * (tn + fp) * (tn + fn) == 0:
             return torch.zeros((), device=self.confmat.device)
         return super().compute()
-
-
-def layer_depth(parameter_name: str, num_layers: int) -> int:
-    """0 for the embeddings, i + 1 for encoder layer i, num_layers for the rest (pooler, head)."""
-    match = re.search(r"\.layer\.(\d+)\.", parameter_name)
-    if match:
-        return int(match.group(1)) + 1
-    return 0 if ".embeddings." in parameter_name else num_layers
-
-
-def group_name(parts: list[str], all_parts: list[str]) -> str:
-    """A parameter group's name from the model parts it holds, in all_parts' bottom-to-top order:
-    "all", "embeddings", "layer_5..head" (a run of neighbours), "embeddings+head"."""
-    if parts == all_parts:
-        return "all"
-    runs: list[list[str]] = []
-    for part in parts:
-        if runs and all_parts.index(part) == all_parts.index(runs[-1][-1]) + 1:
-            runs[-1].append(part)
-        else:
-            runs.append([part])
-    return "+".join(run[0] if len(run) == 1 else f"{run[0]}..{run[-1]}" for run in runs)
 
 
 def sentence_logits(model: PreTrainedModel, pooling: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -149,6 +123,57 @@ def check_options(
             raise OptionError(f"--model.num_layers {num_layers}: {model_name_or_path} has {available} layers; use at most {available}")
 
 
+def load_pretrained(model_name_or_path: str, label_names: list[str], num_layers: Optional[int], task: str,
+                    text_names: Optional[list[str]]) -> tuple[PreTrainedModel, Any]:
+    """The pretrained encoder with a new head for label_names (its first num_layers layers), and its tokenizer."""
+    with explain_hub_errors("model", model_name_or_path):
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_name_or_path,
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={name: i for i, name in enumerate(label_names)},
+            # A model fine-tuned before, with another number of labels: its head is replaced by a new one, as
+            # the recipe assumes anyway (a fresh head; SanityChecks warns of one that is not).
+            ignore_mismatched_sizes=True,
+            **({"num_hidden_layers": num_layers} if num_layers else {}),  # loads the first num_layers layers
+        )
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    # Saved with the config (checkpoint, exports' config.json): what inference reads, one text or a pair.
+    model.config.finetuning_task, model.config.text_names = task, list(text_names or ["sentence"])
+    # from_pretrained returns the model in eval mode and Lightning keeps each module's mode as it finds it:
+    # without this, dropout would stay off during fine-tuning.
+    model.train()
+    return model, tokenizer
+
+
+def draw_head(model: PreTrainedModel, seed: int) -> None:
+    """New head weights drawn with seed (--model.head_seed), as transformers draws them (normal(0, initializer_range),
+    zero bias), from a generator of its own: the global random state, and so the rest of the run, stays the same."""
+    generator = torch.Generator().manual_seed(seed)
+    head = [module for name, module in model.named_children() if name != model.base_model_prefix]
+    for layer in (m for module in head for m in module.modules() if isinstance(m, torch.nn.Linear)):
+        torch.nn.init.normal_(layer.weight, std=model.config.initializer_range, generator=generator)
+        torch.nn.init.zeros_(layer.bias)
+
+
+def check_pooling_and_freeze(model: PreTrainedModel, pooling: str, freeze_word_embeddings: bool) -> None:
+    """Refuse mean pooling for a model with a head of its own; leave out of training what the recipe does not train."""
+    if pooling == "mean":
+        head_names = {name for name, _ in model.named_children()} - {model.base_model_prefix}
+        if head_names != {"dropout", "classifier"} or not isinstance(model.classifier, torch.nn.Linear):
+            raise OptionError(
+                f"--model.pooling mean needs a BERT-style head (one linear layer on the pooled vector);"
+                f" {type(model).__name__} has its own: use --model.pooling cls"
+            )
+        if getattr(model.base_model, "pooler", None) is not None:
+            model.base_model.pooler.requires_grad_(False)  # unused: DDP fails on parameters without gradients
+    if freeze_word_embeddings:
+        # The word vectors are half of a small model's weights (11.7M of MiniLM-L6's 22.7M), and CoLA's 7.5k
+        # training sentences touch few of the 30k words: moving those away from the rest cost 0.012 val MCC
+        # over 3 seeds (README, Results), and steps are 4-7% faster without their gradient and AdamW update.
+        model.get_input_embeddings().requires_grad_(False)
+
+
 class TextClassifier(pl.LightningModule):
     """Sequence classifier (a text, or a pair) with GLUE's metrics and a fine-tuning recipe for small data.
 
@@ -218,61 +243,28 @@ class TextClassifier(pl.LightningModule):
         self._distillation = (distill_weight, distill_temperature) if teacher else None
         self.label_names = list(label_names or LABEL_NAMES)
         self.save_hyperparameters()
-        with explain_hub_errors("model", model_name_or_path):
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                model_name_or_path,
-                num_labels=len(self.label_names),
-                id2label=dict(enumerate(self.label_names)),
-                label2id={name: i for i, name in enumerate(self.label_names)},
-                # A model fine-tuned before, with another number of labels: its head is replaced by a new one, as
-                # the recipe assumes anyway (a fresh head; SanityChecks warns of one that is not).
-                ignore_mismatched_sizes=True,
-                **({"num_hidden_layers": num_layers} if num_layers else {}),  # loads the first num_layers layers
-            )
-            self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-        # Saved with the config (checkpoint, exports' config.json): what inference reads, one text or a pair.
-        self.model.config.finetuning_task, self.model.config.text_names = task, list(text_names or ["sentence"])
-        # from_pretrained returns the model in eval mode and Lightning keeps each module's mode as it finds it:
-        # without this, dropout would stay off during fine-tuning.
-        self.model.train()
+        self.model, self.tokenizer = load_pretrained(model_name_or_path, self.label_names, num_layers, task, text_names)
         if head_seed is not None:
-            # As transformers initialises a new head (normal(0, initializer_range), zero bias), from a generator of
-            # its own: the global random state, and so the rest of the run, is the same with or without head_seed.
-            generator = torch.Generator().manual_seed(head_seed)
-            head = [module for name, module in self.model.named_children() if name != self.model.base_model_prefix]
-            for layer in (m for module in head for m in module.modules() if isinstance(m, torch.nn.Linear)):
-                torch.nn.init.normal_(layer.weight, std=self.model.config.initializer_range, generator=generator)
-                torch.nn.init.zeros_(layer.bias)
+            draw_head(self.model, head_seed)
         if learning_rate is None:
             self.hparams.learning_rate = 2e-5 if self.model.config.hidden_size >= 768 else 1e-4
             # Again, with the rate resolved, so that hparams.yaml and checkpoints record the rate used, not null.
             # (An explicit dict: under LightningCLI a plain call would record the parsed arguments again.)
             self.save_hyperparameters(dict(self.hparams))
-        if pooling == "mean":
-            head_names = {name for name, _ in self.model.named_children()} - {self.model.base_model_prefix}
-            if head_names != {"dropout", "classifier"} or not isinstance(self.model.classifier, torch.nn.Linear):
-                raise OptionError(
-                    f"--model.pooling mean needs a BERT-style head (one linear layer on the pooled vector);"
-                    f" {type(self.model).__name__} has its own: use --model.pooling cls"
-                )
-            if getattr(self.model.base_model, "pooler", None) is not None:
-                self.model.base_model.pooler.requires_grad_(False)  # unused: DDP fails on parameters without gradients
-        if freeze_word_embeddings:
-            # The word vectors are half of a small model's weights (11.7M of MiniLM-L6's 22.7M), and CoLA's 7.5k
-            # training sentences touch few of the 30k words: moving those away from the rest cost 0.012 val MCC
-            # over 3 seeds (README, Results), and steps are 4-7% faster without their gradient and AdamW update.
-            self.model.get_input_embeddings().requires_grad_(False)
+        check_pooling_and_freeze(self.model, pooling, freeze_word_embeddings)
         self.warmup_steps = 0  # set by configure_optimizers; early stopping waits for it (train.py)
         self._tokenizer_files: dict[str, str] = {}
         self._rng_states: dict | None = None  # from the checkpoint a run resumes from
         self._compiled_logits_and_loss = None  # made at the first step, once the device is known
-        # The non-finite-loss guard's state (see training_step): 1.0 on the device from the first non-finite loss
-        # on, and the (epoch, step, flag) of each step since the flags were last read.
-        self._skip_updates: Optional[torch.Tensor] = None
-        self._unread_loss_flags: list[tuple[int, int, torch.Tensor]] = []
+        self.loss_guard = NonFiniteLossGuard()  # a NaN or infinite loss: AdamW skips the step, training stops
+        self._make_validation_metrics(len(self.label_names))
+        # Lightning's model summary counts FLOPs on this input (else it prints 0): one sentence of 16 tokens.
+        tokens = torch.ones(1, 16, dtype=torch.long)
+        self.example_input_array = ({"input_ids": tokens, "attention_mask": tokens, "labels": torch.zeros(1, dtype=torch.long)},)
+
+    def _make_validation_metrics(self, n: int) -> None:
         # Epoch-level metrics: torchmetrics accumulates over the whole epoch and syncs across DDP ranks.
         # Two labels: F1 of label 1 (GLUE's, for MRPC and QQP) and a precision-recall curve; more: macro F1, no curve.
-        n = len(self.label_names)
         self.val_metrics = MetricCollection(
             {"mcc": MatthewsCorrCoef(), "accuracy": BinaryAccuracy(), "f1": BinaryF1Score()} if n == 2 else
             {"mcc": MulticlassMatthewsCorrCoef(n), "accuracy": MulticlassAccuracy(n, average="micro"),
@@ -284,9 +276,6 @@ class TextClassifier(pl.LightningModule):
         self.val_loss = MeanMetric()
         self.val_confusion = BinaryConfusionMatrix() if n == 2 else MulticlassConfusionMatrix(n)
         self.val_pr_curve = BinaryPrecisionRecallCurve(thresholds=101) if n == 2 else None  # binned: constant memory, cheap DDP sync
-        # Lightning's model summary counts FLOPs on this input (else it prints 0): one sentence of 16 tokens.
-        tokens = torch.ones(1, 16, dtype=torch.long)
-        self.example_input_array = ({"input_ids": tokens, "attention_mask": tokens, "labels": torch.zeros(1, dtype=torch.long)},)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, cross-entropy loss) of a batch with labels."""
@@ -303,47 +292,16 @@ class TextClassifier(pl.LightningModule):
         _, loss = self(batch)
         # Not in the progress bar: the bar would read the loss, waiting for the GPU, at every step.
         self.log("train_loss", loss, batch_size=batch["labels"].size(0))
-        self.skip_updates_from_a_non_finite_loss(loss)
+        self.loss_guard.record(self, loss)
         return loss
-
-    def skip_updates_from_a_non_finite_loss(self, loss: torch.Tensor) -> None:
-        """A NaN or infinite loss would make every weight NaN at this step's optimizer step. Reading the loss here
-        to stop would make the CPU wait for the GPU at every step, so the decision stays on the device: the fused
-        AdamW skips its whole update (weights, moments, step count) while its found_inf is 1, as it does for a
-        GradScaler, and found_inf stays 1 from the first non-finite loss on. The flags are read, and training
-        stopped, where Lightning reads values anyway: every log_every_n_steps, at an epoch's end and before any
-        checkpoint is saved (stop_if_a_loss_was_non_finite)."""
-        bad = (~loss.detach().isfinite()).float()
-        if self.trainer.world_size > 1:  # all processes skip together: their gradients are averaged
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # queued on the device, no wait
-        self._skip_updates = bad if self._skip_updates is None else torch.maximum(self._skip_updates, bad)
-        self.trainer.optimizers[0].found_inf = self._skip_updates
-        self._unread_loss_flags.append((self.current_epoch, self.global_step + 1, bad))
-
-    def stop_if_a_loss_was_non_finite(self) -> None:
-        """Raise NonFiniteLossError, naming the first step whose loss was NaN or infinite, if one was since the last
-        call. One wait for the device; the same answer on every DDP process (the flags were reduced)."""
-        if not self._unread_loss_flags:
-            return
-        unread, self._unread_loss_flags = self._unread_loss_flags, []
-        flags = torch.stack([flag for *_, flag in unread]).tolist()
-        if not any(flags):
-            return
-        epoch, step, _ = unread[flags.index(1.0)]
-        best = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or "none saved yet"
-        raise NonFiniteLossError(
-            f"the loss became NaN or infinite at epoch {epoch}, step {step}; training"
-            f" stopped before that step changed the weights, and the best checkpoint so far is untouched ({best})."
-            " Try a lower --model.learning_rate, or --trainer.precision bf16-mixed or 32-true instead of 16-mixed"
-        )
 
     def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
         every = self.trainer.log_every_n_steps
         if (every and self.global_step % every == 0) or self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
-            self.stop_if_a_loss_was_non_finite()
+            self.loss_guard.check(self)
 
     def on_train_end(self) -> None:
-        self.stop_if_a_loss_was_non_finite()  # a run cut short by --trainer.max_steps between two checks
+        self.loss_guard.check(self)  # a run cut short by --trainer.max_steps between two checks
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         logits, loss = self(batch)
@@ -380,31 +338,8 @@ class TextClassifier(pl.LightningModule):
                     logger.experiment.add_figure("val/precision_recall_curve", fig, self.current_epoch)
 
     def parameter_groups(self) -> list[dict]:
-        """AdamW groups: one per (learning rate, weight decay) pair that the recipe gives parameters, each named
-        for the model parts it holds ("-no_decay" without weight decay), so that LearningRateMonitor's charts
-        say what they show: `lr-AdamW/layer_3`, not `lr-AdamW/pg4`."""
-        hp, num_layers = self.hparams, self.model.config.num_hidden_layers
-        part_order = ["embeddings", *(f"layer_{i}" for i in range(num_layers)), "pooler", "head"]  # bottom to top
-        groups: dict[tuple, dict] = {}
-        for name, param in self.model.named_parameters():
-            if not param.requires_grad:
-                continue
-            if name.startswith(self.model.base_model_prefix + "."):
-                depth = layer_depth(name, num_layers)
-                lr = hp.learning_rate * hp.layer_decay ** (num_layers - depth)
-                part = "pooler" if depth == num_layers and ".layer." not in name else part_order[depth]
-            else:  # the classifier head, new
-                lr, part = hp.head_learning_rate or hp.learning_rate, "head"
-            weight_decay = hp.weight_decay if param.dim() >= 2 else 0.0  # none on biases and LayerNorm
-            group = groups.setdefault((lr, weight_decay), {"params": [], "lr": lr, "weight_decay": weight_decay, "parts": []})
-            group["params"].append(param)
-            if part not in group["parts"]:
-                group["parts"].append(part)
-        present = [part for part in part_order if any(part in g["parts"] for g in groups.values())]
-        for group in groups.values():
-            parts = sorted(group.pop("parts"), key=part_order.index)
-            group["name"] = group_name(parts, present) + ("" if group["weight_decay"] else "-no_decay")
-        return list(groups.values())
+        return parameter_groups(self.model, self.hparams.learning_rate, self.hparams.layer_decay,
+                                self.hparams.head_learning_rate, self.hparams.weight_decay)
 
     def configure_optimizers(self) -> dict:
         # fused: one kernel over all parameters, ~5x faster than the default per-tensor loop on CPU too.
@@ -416,7 +351,7 @@ class TextClassifier(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # No checkpoint records a run past a non-finite loss (its weights are intact, but its step and schedule moved on).
-        self.stop_if_a_loss_was_non_finite()
+        self.loss_guard.check(self)
         # Everything inference needs without the network: architecture, label names, tokenizer.
         checkpoint["hf_config"] = self.model.config.to_dict()
         checkpoint["tokenizer_files"] = self.tokenizer_files()
@@ -429,28 +364,9 @@ class TextClassifier(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Called before Lightning loads the weights: its own errors would be tracebacks.
         where = self.trainer.ckpt_path if self._trainer else "checkpoint"
-        ours, theirs = self.state_dict(), checkpoint["state_dict"]
-        if ours.keys() != theirs.keys():
-            name = sorted(ours.keys() ^ theirs.keys())[0]
-            raise CheckpointError(
-                f"{where}: a checkpoint of another model ({name} is only in one of it and"
-                f" {self.hparams.model_name_or_path}): resume with the --model.model_name_or_path it was trained from"
-            )
-        for name, weight in theirs.items():
-            if ours[name].shape != weight.shape:
-                raise CheckpointError(
-                    f"{where}: a checkpoint of a model of another size ({name}: {tuple(weight.shape)}, but"
-                    f" {tuple(ours[name].shape)} in {self.hparams.model_name_or_path}): resume with the"
-                    " --model.model_name_or_path it was trained from"
-                )
+        check_same_weights(where, self.state_dict(), checkpoint["state_dict"], self.hparams.model_name_or_path)
         self._rng_states = checkpoint.get("rng_states")
-        if self._rng_states:
-            try:  # as on_train_start will, now, so that a damaged state is one line
-                saved = torch.get_rng_state()
-                torch.set_rng_state(self._rng_states["cpu"])
-                torch.set_rng_state(saved)
-            except Exception as e:  # KeyError, TypeError, RuntimeError: all mean a damaged file
-                raise CheckpointError(f"{where}: its saved random state is damaged ({type(e).__name__}: {e})") from None
+        check_rng_states(where, self._rng_states)
 
     def on_train_start(self) -> None:
         # Set here rather than on loading, so that nothing Lightning does in between can draw from it.

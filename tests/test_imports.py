@@ -10,7 +10,7 @@ from conftest import REPO
 # beside training (below serve and tune), distillation (which runs a teacher through inference) just under train.
 LAYERS = [
     {"hub", "checkpoints", "metrics"},
-    {"readers", "samplers"},
+    {"readers", "samplers", "optimizer"},
     {"data"},
     {"model"},
     {"callbacks", "export"},
