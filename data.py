@@ -60,6 +60,9 @@ GLUE_TASKS = {
 }
 LABEL_NAMES = GLUE_TASKS["cola"].label_names
 MAX_LABELS = 1000  # more distinct labels than a classification head of this recipe learns from small data
+# TinyBERT's augmentation made 20 variants a sentence, the most in the literature; a sentence of n words has about 1.5n
+# single drops and swaps, so more copies repeat themselves (1,000 copies of CoLA: 724 distinct a sentence at most).
+MAX_PERTURBED_COPIES = 20
 
 
 class OptionError(ValueError):
@@ -90,6 +93,12 @@ def check_data_options(
     if text_columns is not None and (len(text_columns) not in (1, 2) or len(set(text_columns)) != len(text_columns)):
         raise OptionError(f"--data.text_columns names one column (single texts) or two (pairs), e.g. [sentence] or"
                           f" [question1,question2]; not {text_columns}")
+    reserved = {"label", "labels", "line", "group", "truncated", *MODEL_INPUTS, TEACHER_OUTPUTS, GROUP_SEEN}
+    if text_columns is not None and label_column in text_columns:
+        raise OptionError(f"--data.text_columns and --data.label_column both name {label_column!r}: the texts and the labels are two columns")
+    if text_columns is not None and (clash := set(text_columns) & reserved):
+        raise OptionError(f"--data.text_columns: {sorted(clash)[0]!r} names one of the columns this project makes of yours"
+                          f" ({', '.join(sorted(reserved))}): rename that column in your files")
     if group_column is not None and not local:
         raise OptionError("--data.group_column names a column of your files (--data.data_dir); the Hub's GLUE tasks have"
                           " none (for CoLA's sources: GLUE's own TSV files, --data.data_dir and --data.group_column source)")
@@ -105,8 +114,8 @@ def check_data_options(
         raise OptionError(f"--data.batch_size must be at least 1, not {batch_size}")
     if max_length < 3:  # [CLS], one token, [SEP]
         raise OptionError(f"--data.max_length must be at least 3 ([CLS], one token, [SEP]), not {max_length}")
-    if perturbed_copies < 0:
-        raise OptionError(f"--data.perturbed_copies must be 0 or more, not {perturbed_copies}")
+    if not 0 <= perturbed_copies <= MAX_PERTURBED_COPIES:
+        raise OptionError(f"--data.perturbed_copies must be from 0 to {MAX_PERTURBED_COPIES}, not {perturbed_copies}")
     if (perturbed_copies or unlabelled_file) and not teacher:
         raise OptionError("--data.perturbed_copies and --data.unlabelled_file add examples that a teacher labels:"
                           " give one with --model.teacher")

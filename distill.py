@@ -5,6 +5,7 @@ TextDataModule.teach); the model mixes them into its loss (model.distillation_lo
 benchmarks/README.md, "Distillation"."""
 
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -18,55 +19,88 @@ from checkpoints import CheckpointError, remove_dead_writers_files, temporary_pa
 from data import TEACHER_OUTPUTS
 from export import file_sha256, user_cache_dir, writable
 from inference import InputError, Predictor
-from readers import DataError, text_line
+from readers import DataError, bounded_lines, text_line
 
 if TYPE_CHECKING:
     from data import TextDataModule
+
+# Examples a teacher labels beyond the training set (perturbed copies and --data.unlabelled_file's lines together):
+# each costs ~300 bytes of memory until training starts, and a teacher's forward pass.
+MAX_EXTRA_EXAMPLES = 1_000_000
 
 
 def teacher_outputs(teacher: str, texts: list[list[str]], label_names: list[str]) -> tuple["np.ndarray", str]:
     """(the teacher's log-probabilities for each example, the teacher checkpoint's sha256); texts: one list per text
     column. Computed once per teacher and data (its ONNX export, inference.Predictor: any model of this project, of any
-    size or tokenizer) and cached beside the teacher's checkpoint as TEACHER.teacher-outputs-SHA-DATA.npy, keyed by
+    size or tokenizer) and cached beside the teacher's checkpoint as TEACHER.teacher-outputs-SHA-DATA.npz, keyed by
     both digests, so that a student's epoch costs what a plain epoch costs. CheckpointError (one line) for a teacher
-    that cannot be used."""
+    that cannot be used: the same checks whether its outputs come from the cache or not."""
     path = Path(teacher)
     if not path.is_file():
         raise CheckpointError(f"{teacher}: --model.teacher not found (a .ckpt file trained by this project)")
     sha256 = file_sha256(path)
-    count = len(texts[0])
     data = hashlib.sha256(json.dumps(texts).encode()).hexdigest()
-    name = f"{path.stem}.teacher-outputs-{sha256[:16]}-{data[:16]}.npy"
+    name = f"{path.stem}.teacher-outputs-{sha256[:16]}-{data[:16]}.npz"
     cache = path.with_name(name) if writable(path.parent) else user_cache_dir() / name
-    try:
-        outputs = np.load(cache)
-        if outputs.shape == (count, len(label_names)) and np.isfinite(outputs).all():
-            return outputs, sha256
-    except (OSError, ValueError):  # none yet, or damaged: computed again
-        pass
+    cached = read_teacher_cache(cache, len(texts[0]))
+    if cached is not None:
+        outputs, labels, text_count = cached
+        check_teacher_fits(teacher, labels, text_count, label_names, len(texts))
+        return outputs, sha256
     try:
         predictor = Predictor(path)
     except InputError as e:
         raise CheckpointError(f"{teacher}: --model.teacher: {e}") from None
-    if predictor.labels != label_names or len(predictor.text_names) != len(texts):
-        raise CheckpointError(f"{teacher}: --model.teacher was trained on labels {predictor.labels} of {len(predictor.text_names)}"
-                              f" text(s) an example; this data has {label_names} of {len(texts)}: use a teacher of this task")
-    print(f"Teacher {path.name}: classifying the {count} training examples once (cached as {cache})")
+    check_teacher_fits(teacher, predictor.labels, len(predictor.text_names), label_names, len(texts))
+    print(f"Teacher {path.name}: classifying the {len(texts[0])} training examples once (cached as {cache})")
     results = predictor.predict(list(zip(*texts)) if len(texts) == 2 else texts[0], progress=True)
     if any("error" in result for result in results):
         raise CheckpointError(f"{teacher}: --model.teacher gives no finite output for some training examples: its weights are damaged")
     probabilities = np.array([[result["probabilities"][label] for label in label_names] for result in results])
     outputs = np.log(np.maximum(probabilities, 1e-30)).astype(np.float32)  # softmax(log p / T) = softmax(logits / T)
+    write_teacher_cache(cache, outputs, label_names, len(texts))
+    return outputs, sha256
+
+
+def check_teacher_fits(teacher: str, labels: list[str], text_count: int, label_names: list[str], data_text_count: int) -> None:
+    if labels != label_names or text_count != data_text_count:
+        raise CheckpointError(f"{teacher}: --model.teacher was trained on labels {labels} of {text_count} text(s) an example;"
+                              f" this data has {label_names} of {data_text_count}: use a teacher of this task")
+
+
+def cache_digest(outputs: "np.ndarray", labels: list[str], text_count: int) -> str:
+    """The sha256 of a cache's content, recorded in it: a cache changed on disk (a bad copy, a hand edit) is not used."""
+    return hashlib.sha256(outputs.astype("<f4").tobytes() + json.dumps([labels, text_count]).encode()).hexdigest()
+
+
+def read_teacher_cache(cache: Path, count: int) -> Optional[tuple["np.ndarray", list[str], int]]:
+    """(outputs, the teacher's labels, its texts an example) from a cache whose content matches its recorded digest;
+    None when there is none, or it is damaged (then computed again, with a note)."""
+    try:
+        with np.load(cache, allow_pickle=False) as saved:
+            outputs, labels, text_count, digest = saved["outputs"], saved["labels"].tolist(), int(saved["text_count"]), str(saved["sha256"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, EOFError) as e:  # not an .npz of ours: a damaged file
+        print(f"note: {cache}: the teacher's cached outputs are unreadable ({type(e).__name__}); computing them again")
+        return None
+    if outputs.shape != (count, len(labels)) or not np.isfinite(outputs).all() or cache_digest(outputs, labels, text_count) != digest:
+        print(f"note: {cache}: the teacher's cached outputs do not match their recorded sha256; computing them again")
+        return None
+    return outputs, labels, text_count
+
+
+def write_teacher_cache(cache: Path, outputs: "np.ndarray", labels: list[str], text_count: int) -> None:
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         remove_dead_writers_files(cache.parent)
         with open(temporary_path(cache), "wb") as f:
-            np.save(f, outputs)
+            np.savez(f, outputs=outputs, labels=np.array(labels, dtype=str), text_count=np.array(text_count),
+                     sha256=np.array(cache_digest(outputs, labels, text_count)))
         os.replace(temporary_path(cache), cache)
     except OSError as e:  # a full disk: the run goes on, computing them again next time
         temporary_path(cache).unlink(missing_ok=True)
         print(f"note: the teacher's outputs were not cached ({e.strerror or e})")
-    return outputs, sha256
 
 
 def perturbed(text: str, copy: int) -> Optional[tuple[str, str]]:
@@ -95,7 +129,7 @@ def read_unlabelled(path: Path, text_count: int) -> Iterator[tuple[tuple[str, ..
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror}) (--data.unlabelled_file)") from None
     with f:
-        for line_no, raw in enumerate(f, start=1):
+        for line_no, raw in bounded_lines(f, path, " (--data.unlabelled_file)"):
             line = text_line(raw, line_no, path)
             if not line.strip():
                 continue
@@ -113,14 +147,21 @@ def add_teacher_outputs(datamodule: "TextDataModule", train: datasets.Dataset) -
     options, text_columns = datamodule.hparams, datamodule.text_columns
     extra = []  # (texts, where from)
     rows = list(zip(*(train[column] for column in text_columns)))  # by column: Arrow rows one by one are slow
+    if options.perturbed_copies * len(rows) > MAX_EXTRA_EXAMPLES:
+        raise DataError(f"--data.perturbed_copies {options.perturbed_copies} of {len(rows):,} training examples: over"
+                        f" {MAX_EXTRA_EXAMPLES:,} examples for the teacher to label; give fewer copies")
     for copy in range(options.perturbed_copies):
         for number, texts in enumerate(rows, start=1):
             if change := perturbed(texts[-1], copy):
                 extra.append(((*texts[:-1], change[0]), f"training example {number}, copy {copy + 1}: {change[1]}"))
     if options.unlabelled_file:
-        unlabelled = list(read_unlabelled(Path(options.unlabelled_file), len(text_columns)))
+        room = MAX_EXTRA_EXAMPLES - len(extra)
+        unlabelled = list(itertools.islice(read_unlabelled(Path(options.unlabelled_file), len(text_columns)), room + 1))
         if not unlabelled:
             raise DataError(f"{options.unlabelled_file}: no texts (--data.unlabelled_file: one a line)")
+        if len(unlabelled) > room:
+            raise DataError(f"{options.unlabelled_file}: over {room:,} texts (--data.unlabelled_file; with the perturbed copies"
+                            f" at most {MAX_EXTRA_EXAMPLES:,} examples for the teacher to label)")
         extra += unlabelled
     texts = [list(column) for column in zip(*rows, *(example for example, _ in extra))]  # a list per text column
     label_names = datamodule.label_names

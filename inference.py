@@ -425,8 +425,18 @@ def main() -> None:
         print("\n".join(glue_test_predictions(Predictor(checkpoint, backend=args.backend), args.glue_test)))
         return
     chunks = read_sentences(args)
-    # Bad input near the start fails before the model loads; a second chunk means a long input.
-    head = list(itertools.islice(chunks, 2))
+    # Bad input at the very start fails before the model loads; a second chunk means a long input. A bad line after
+    # good ones: those are answered first, then the error (read_lines yields the lines before it).
+    head, error = [], None
+    try:
+        for chunk in chunks:
+            head.append(chunk)
+            if len(head) == 2:
+                break
+    except InputError as e:
+        if not head:
+            raise
+        error, chunks = e, iter([])
     predictor = Predictor(checkpoint, backend=args.backend)
     label_width = max(len(label) for label in predictor.labels)
     line, truncated, not_finite, bar = 1, 0, 0, None
@@ -434,19 +444,28 @@ def main() -> None:
         from tqdm import tqdm  # only for long inputs: it costs start-up time
 
         bar = tqdm(desc="Predicting", unit=" sentences", file=sys.stderr)
-    for chunk in itertools.chain(head, chunks):
-        if predictor.pairs:  # "first<TAB>second"; without a tab, an empty second text, reported as such
-            chunk = [(line.split("\t", 1) + [""])[:2] for line in chunk]
-        results, chunk_truncated = predictor.predict_counting_truncated(chunk, args.batch_size, progress=bar is None)
-        print_results(results, args.json, line, label_width)
-        sys.stdout.flush()  # output starts at once, even into a pipe
-        line, truncated = line + len(chunk), truncated + chunk_truncated
-        not_finite += sum(r.get("error") == NOT_FINITE for r in results)
+    try:
+        for chunk in itertools.chain(head, chunks):
+            extra_tabs = {}  # a pair line with more than one tab: which tab ends the first text is anyone's guess
+            if predictor.pairs:  # "first<TAB>second"; without a tab, an empty second text, reported as such
+                fields = [line.split("\t") for line in chunk]
+                extra_tabs = {i: len(f) - 1 for i, f in enumerate(fields) if len(f) > 2}
+                chunk = [(f + [""])[:2] if i not in extra_tabs else ["", ""] for i, f in enumerate(fields)]
+            results, chunk_truncated = predictor.predict_counting_truncated(chunk, args.batch_size, progress=bar is None)
+            for i, tabs in extra_tabs.items():
+                results[i] = {"pair": fields[i], "error": f"{tabs} tabs ({PAIR_HOWTO}: one tab)"}
+            print_results(results, args.json, line, label_width)
+            sys.stdout.flush()  # output starts at once, even into a pipe
+            line, truncated = line + len(chunk), truncated + chunk_truncated
+            not_finite += sum(r.get("error") == NOT_FINITE for r in results)
+            if bar is not None:
+                bar.update(len(chunk))
+    finally:
         if bar is not None:
-            bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
+            bar.close()  # its line ended before any error follows it
     predictor.warn_truncated(truncated)
+    if error:
+        raise error
     if not_finite:
         raise CheckpointError(f"{checkpoint}: {not_finite} sentence(s) got no prediction: {NOT_FINITE}")
 

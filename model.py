@@ -95,7 +95,7 @@ class SentenceClassifier(torch.nn.Module):
 def check_options(
     model_name_or_path: str, learning_rate: Optional[float], weight_decay: float, warmup_ratio: float, layer_decay: float,
     head_learning_rate: Optional[float], num_layers: Optional[int] = None, ema_decay: Optional[float] = None,
-    distill_weight: float = 0.5, distill_temperature: float = 2.0,
+    distill_weight: float = 0.5, distill_temperature: float = 2.0, head_seed: Optional[int] = None,
 ) -> None:
     """Refuse, before the model loads, values with which training cannot work (`not x > 0` also catches NaN).
     tune.py checks every value of a search space with it, before the study exists."""
@@ -114,6 +114,8 @@ def check_options(
         raise OptionError(f"--model.distill_weight must be between 0 and 1 (the teacher's share of the loss), not {distill_weight}")
     if not 0 < distill_temperature < float("inf"):
         raise OptionError(f"--model.distill_temperature must be a positive number (e.g. 2), not {distill_temperature}")
+    if head_seed is not None and not 0 <= head_seed < 2**64:  # torch.Generator's seeds
+        raise OptionError(f"--model.head_seed must be from 0 to 2**64 - 1, or null for none; not {head_seed}")
     if num_layers is not None and num_layers < 1:
         raise OptionError(f"--model.num_layers must be at least 1, or null for all the model's layers; not {num_layers}")
     if num_layers is not None:  # more layers than the model has would be added with random weights
@@ -239,7 +241,7 @@ class TextClassifier(pl.LightningModule):
     ) -> None:
         super().__init__()
         check_options(model_name_or_path, learning_rate, weight_decay, warmup_ratio, layer_decay, head_learning_rate,
-                      num_layers, ema_decay, distill_weight, distill_temperature)
+                      num_layers, ema_decay, distill_weight, distill_temperature, head_seed)
         self._distillation = (distill_weight, distill_temperature) if teacher else None
         self.label_names = list(label_names or LABEL_NAMES)
         self.save_hyperparameters()

@@ -8,7 +8,7 @@ import hashlib
 import io
 import json
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import BinaryIO, Iterator, Optional
 
 import datasets
 
@@ -16,10 +16,22 @@ SPLIT_FILES = {"train": "train.tsv", "validation": "dev.tsv"}  # GLUE names the 
 # A user's own files: train.* and dev.* (or validation.*; MNLI's dev_matched.tsv) in one of these formats.
 FILE_STEMS = {"train": ("train",), "validation": ("dev", "validation", "dev_matched")}
 FORMATS = ("tsv", "csv", "jsonl")
+# The longest line a data file may have: a text of ~10,000 words, far past what any model reads (max_length tokens).
+# Longer is no example but a wrong file (/dev/zero, a binary): one 20 MB line took 5.9 GB to tokenize.
+MAX_LINE_BYTES = 64 * 1024
 
 
 class DataError(ValueError):
     """A problem in the user's data, reported as one line: 'file:line: what is wrong'."""
+
+
+def bounded_lines(f: BinaryIO, path: Path, option: str = "") -> Iterator[tuple[int, bytes]]:
+    """(number, raw line) of each line of a binary file, never reading more than MAX_LINE_BYTES of one line:
+    DataError for a longer line."""
+    for number, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), start=1):
+        if len(raw) > MAX_LINE_BYTES:
+            raise DataError(f"{path}:{number}: a line over {MAX_LINE_BYTES:,} bytes is no example: is it the right file?{option}")
+        yield number, raw
 
 
 def read_glue_tsv(path: Path) -> Iterator[dict]:
@@ -35,7 +47,7 @@ def read_glue_tsv(path: Path) -> Iterator[dict]:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     rows, first_blank = 0, None
     with f:
-        for line_no, raw in enumerate(f, start=1):
+        for line_no, raw in bounded_lines(f, path):
             where = f"{path}:{line_no}"
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")
@@ -125,16 +137,21 @@ def read_table(path: Path, text_columns: list[tuple[str, ...]], label_columns: l
     with f:
         try:
             if kind == "csv":
+                for n, raw in bounded_lines(f, path):  # first: the csv module decodes in blocks, and would name another line
+                    text_line(raw, n, path)
+                f.seek(0)
                 reader = csv.reader(io.TextIOWrapper(f, encoding="utf-8-sig", newline=""))
                 lines = ((reader.line_num, fields) for fields in reader)
             else:  # lines end at \n alone: GLUE's SST-2 has a \r before some tabs
-                lines = ((n, text_line(raw, n, path)) for n, raw in enumerate(f, start=1))
+                lines = ((n, text_line(raw, n, path)) for n, raw in bounded_lines(f, path))
                 if kind == "tsv":
                     lines = ((n, line.split("\t")) for n, line in lines)
             if kind == "jsonl":
                 records = ((n, json_object(line, f"{path}:{n}")) for n, line in lines if line.strip())
             else:
                 _, header = next(lines, (1, []))
+                if twice := next((name for i, name in enumerate(header) if name in header[:i]), None):
+                    raise DataError(f"{path}:1: the header names column {twice!r} twice: name each column once")
                 records = ((n, dict(zip(header, fields)) if len(fields) == len(header) else len(fields))
                            for n, fields in lines if any(field.strip() for field in fields))
             for line_no, record in records:
@@ -189,8 +206,14 @@ def text_line(raw: bytes, line_no: int, path: Path) -> str:
 
 
 def json_object(line: str, where: str) -> dict:
+    def no_key_twice(pairs: list[tuple[str, object]]) -> dict:
+        keys = [key for key, _ in pairs]
+        if twice := next((key for i, key in enumerate(keys) if key in keys[:i]), None):
+            raise DataError(f"{where}: key {twice!r} twice in one object: give each column once")
+        return dict(pairs)
+
     try:
-        record = json.loads(line)
+        record = json.loads(line, object_pairs_hook=no_key_twice)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: not JSON ({e.msg}, column {e.colno})") from None
     if not isinstance(record, dict):

@@ -350,6 +350,23 @@ class GuardedH11Protocol(H11Protocol):
             return self.answer_and_close(b"408 Request Timeout", f"request not read: {why}; send it at once")
         self.transport.close()
 
+    def shutdown(self) -> None:
+        """At SIGTERM: a client still sending its request gets a JSON 503 now (send it again: another server will
+        answer), not uvicorn's plain-text 500 once the graceful shutdown's GRACEFUL_SHUTDOWN_S run out, with a
+        CancelledError traceback in the log. Its app task reads a disconnect and ends."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started and not cycle.response_complete and cycle.more_body:
+            cycle.disconnected = True  # nothing more is written on this connection
+            cycle.message_event.set()
+            return self.answer_and_close(b"503 Service Unavailable", "the server is shutting down: send the request again",
+                                         b"retry-after: 1\r\n")
+        super().shutdown()
+
+    def send_400_response(self, msg: str) -> None:
+        """A request h11 cannot parse (a Content-Length of -5, abc or +5; headers over its bound, sent in pieces): the
+        JSON {"detail"} of every other bad request, not uvicorn's plain text."""
+        self.answer_and_close(b"400 Bad Request", f"{msg.rstrip('.')}: not an HTTP/1.1 request this server can read")
+
     def answer_and_close(self, status: bytes, detail: str, headers: bytes = b"") -> None:
         """A JSON {"detail"} answer written as it is (no request of this connection is in h11's hands), then closed."""
         body = json.dumps({"detail": detail}).encode()

@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import re
 import shlex
 import shutil
@@ -26,19 +27,28 @@ from typing import Any, Optional, TextIO
 from urllib.parse import unquote, unquote_plus
 
 
+def storage_urls(argv: list[str]) -> list[str]:
+    """--storage's values, however given: argparse also takes an unambiguous prefix (--sto, --stor...), and NAME=VALUE."""
+    urls = []
+    for i, arg in enumerate(argv):
+        name, equals, value = arg.partition("=")
+        if len(name) >= len("--s") and "--storage".startswith(name):  # --s, --st: argparse's "ambiguous" error echoes them
+            urls += [value] if equals else argv[i + 1:i + 2]
+    return urls
+
+
 def storage_passwords(argv: list[str]) -> set[str]:
-    """The passwords in --storage's URL, wherever a URL may hold one (user:PASSWORD@host, ?password=...), as typed
-    and percent-decoded: what no line tune.py prints may show."""
-    urls = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--storage"]
-    urls += [arg.removeprefix("--storage=") for arg in argv if arg.startswith("--storage=")]
+    """What no line tune.py prints may show of --storage's URLs: their user-info (user:PASSWORD before an '@') whatever
+    the URL's shape (one slash, none, an '@' in the password...), its password alone, ?password=...; as typed and
+    percent-decoded."""
     found = set()
-    for url in urls:
-        rest = url.partition("://")[2]
-        for userinfo in (rest.partition("@")[0], rest.rpartition("@")[0]) if "@" in rest else ():
-            found.add(userinfo.partition(":")[2])  # a password with an '@' in it, typed as it is: both readings
+    for url in storage_urls(argv):
+        rest = url.partition(":")[2].lstrip("/")  # after the scheme, however many slashes it was given
+        for userinfo in {rest.partition("@")[0], rest.rpartition("@")[0]} if "@" in rest else ():
+            found |= {userinfo, userinfo.partition(":")[2]}  # a password with an '@' in it, typed as it is: both readings
         found.update(re.findall(r"[?&]password=([^&]*)", url))
-    # Each piece too: a password with an unescaped '@' or '/' is read as part of the host or path, and named there.
-    pieces = {piece for password in found for piece in re.split(r"[@/?#:]", password)}
+    # Each piece of a password too: one with an unescaped '@' or '/' is read as part of the host or path, and named there.
+    pieces = {piece for password in found if ":" not in password for piece in re.split(r"[@/?#]", password)}
     return {form for password in found | pieces for form in (password, unquote(password), unquote_plus(password)) if form}
 
 
@@ -72,6 +82,7 @@ import train  # noqa: E402  (first of the slow ones: it turns a Ctrl-C during th
 from callbacks import AtomicCheckpointIO, StoppedBySignal  # noqa: E402
 from checkpoints import (  # noqa: E402
     SWEEP_FILE, CheckpointError, best_checkpoint_of_run, best_score, claim_run_version, first_line, load_checkpoint, newest_checkpoint,
+    remove_dead_writers_files, temporary_path,
 )
 from data import DataError, OptionError, TextDataModule  # noqa: E402
 from hub import HubError  # noqa: E402
@@ -236,6 +247,10 @@ def read_space(path: Optional[str]) -> dict:
         text = Path(path).read_text(encoding="utf-8")
         train.check_yaml_size(text)
         space = yaml.safe_load(text) or {}
+    except yaml.MarkedYAMLError as e:  # its line and column, as an editor counts them (PyYAML's mark counts from 0)
+        mark = e.problem_mark or e.context_mark
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise SweepError(f"--search_space {path}{where}: {e.problem or e.context}") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise SweepError(f"--search_space {path}: {first_line(e)}") from None
     if not isinstance(space, dict):
@@ -257,12 +272,12 @@ def read_space(path: Optional[str]) -> dict:
             low, high, log = spec["low"], spec["high"], spec.get("log", False)
             if not isinstance(log, bool):
                 raise SweepError(f"{path}: {name}: log is true or false, not {log!r}")
-            if not low <= high:  # NaN too
-                raise SweepError(f"{path}: {name}: low ({low}) is above high ({high}): swap them")
-            for bound in (low, high):
+            for bound in (low, high):  # first: NaN is neither above nor below anything
                 if not math.isfinite(bound) or abs(bound) > MAX_EXACT_INT:
                     raise SweepError(f"{path}: {name}: {bound} is not a number a trial can take: give finite bounds"
                                      f" within +-{MAX_EXACT_INT:.0e} (Optuna stores values as 64-bit floats)")
+            if not low <= high:
+                raise SweepError(f"{path}: {name}: low ({low}) is above high ({high}): swap them")
             if log and not low > 0:
                 raise SweepError(f"{path}: {name}: log: true needs a low above 0, not {low}")
     return space
@@ -377,6 +392,20 @@ def print_next_steps(checkpoint: Path, why: str = "") -> None:
     print(f'  python inference.py --checkpoint {shlex.quote(str(checkpoint))} "The boy is sitting on a bench."')
 
 
+def soup_made_of(study_name: str, saved: dict[int, Path]) -> Optional[Path]:
+    """The soup checkpoint an earlier --soup made of the same study's same trial checkpoints, if one is still there."""
+    log_dir = next(iter(saved.values())).parent.parent.parent
+    wanted = sorted((number, str(path), path.stat().st_mtime_ns) for number, path in saved.items())  # a checkpoint rewritten since: another soup
+    for metrics_file in log_dir.glob("version_*/metrics.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            metrics = json.loads(metrics_file.read_text())
+            soup = metrics["soup"]
+            made = sorted((trial["trial"], trial["checkpoint"], trial["mtime_ns"]) for trial in soup["trials"])
+            if soup["study"] == study_name and made == wanted and Path(metrics["best_model_path"]).is_file():
+                return Path(metrics["best_model_path"])
+    return None
+
+
 def make_soup(study: optuna.Study) -> None:
     """The greedy soup of the study's trials (Wortsman et al., 2022, "Model soups"): their best checkpoints in
     order of val MCC, each added to the average only if the average's val MCC does not drop; written as an
@@ -384,10 +413,18 @@ def make_soup(study: optuna.Study) -> None:
     Averaging works for runs fine-tuned from one starting point: the same model and the same head (head_seed)."""
     seeds, saved = {}, {}  # trial number -> its seed; -> its best checkpoint, if it saved one on this machine
     for t in study.get_trials(deepcopy=False, states=FINISHED):
-        with contextlib.suppress(KeyError, OSError, CheckpointError):
-            checkpoint = None if t.user_attrs.get("diverged") else best_checkpoint_of_run(Path(t.user_attrs["run_dir"]))
-            if checkpoint is not None:
-                seeds[t.number], saved[t.number] = t.user_attrs.get("seed"), checkpoint
+        if t.user_attrs.get("diverged"):
+            continue
+        try:
+            checkpoint = best_checkpoint_of_run(Path(t.user_attrs["run_dir"]))
+        except (KeyError, OSError, CheckpointError) as e:
+            checkpoint, why = None, first_line(e)
+        else:
+            why = "its best checkpoint is gone"
+        if checkpoint is None or not checkpoint.is_file():  # deleted since, or trained on another machine
+            print(f"note: --soup leaves trial {t.number} out: {why} ({t.user_attrs.get('run_dir', 'no run folder')})")
+            continue
+        seeds[t.number], saved[t.number] = t.user_attrs.get("seed"), checkpoint
     if len(saved) < 2:
         raise SweepError(f"--soup: {len(saved)} trial(s) with a saved checkpoint on this machine; a soup needs at least 2")
     loaded = {number: load_checkpoint(path) for number, path in saved.items()}
@@ -403,6 +440,9 @@ def make_soup(study: optuna.Study) -> None:
             if checkpoint["hyper_parameters"].get(name) != first["hyper_parameters"].get(name):
                 raise SweepError(f"--soup: trials {first_number} and {number} differ in --model.{name}: only runs of one model"
                                  " from one starting point average; keep it out of the search space")
+    if earlier := soup_made_of(study.study_name, saved):
+        print(f"The soup of these trials is already made: {earlier} (the same --soup again makes none)")
+        return
     # Scored as training validates: the same model class, data module, metric and split.
     hyper_parameters = {k: v for k, v in first["hyper_parameters"].items() if not k.startswith("_")}
     model = TextClassifier(**hyper_parameters)
@@ -430,15 +470,22 @@ def make_soup(study: optuna.Study) -> None:
             soup, soup_score = [*soup, number], score
         print(f"| {number} | {seeds[number]} | {scores[number]:.4f} | {score:.4f} | {'yes' if number in soup else 'no'} |")
     val_score(soup)  # the soup's weights into the model
+    # Written in a temporary folder, which becomes the next run folder only when whole: a --soup killed mid-write
+    # leaves no half run that inference.py would note (the next atomic writer removes the leftover).
     log_dir = saved[best].parent.parent.parent
-    run_dir = log_dir / claim_run_version(log_dir)
-    path = run_dir / "checkpoints" / f"soup-{monitor}={soup_score:.4f}.ckpt"
-    trainer.save_checkpoint(path, weights_only=True)  # as training saves one (config, tokenizer), without optimizer state
-    shutil.copy(saved[best].parent.parent / "hparams.yaml", run_dir / "hparams.yaml")
-    trials = [{"trial": n, "seed": seeds[n], monitor: scores[n], "checkpoint": str(saved[n]), "in_soup": n in soup} for n in order]
+    remove_dead_writers_files(log_dir)
+    building = temporary_path(log_dir / "soup")
+    name = f"soup-{monitor}={soup_score:.4f}.ckpt"
+    trainer.save_checkpoint(building / "checkpoints" / name, weights_only=True)  # as training saves one, no optimizer state
+    shutil.copy(saved[best].parent.parent / "hparams.yaml", building / "hparams.yaml")
+    trials = [{"trial": n, "seed": seeds[n], monitor: scores[n], "checkpoint": str(saved[n]), "mtime_ns": saved[n].stat().st_mtime_ns,
+               "in_soup": n in soup} for n in order]
+    run_dir = log_dir / claim_run_version(log_dir)  # empty: replaced by the whole folder at once (rename(2))
+    path = run_dir / "checkpoints" / name
     metrics = {"monitor": monitor, f"best_{monitor}": soup_score, "best_model_path": str(path),
                "soup": {"study": study.study_name, "trials": trials}}
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (building / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    os.rename(building, run_dir)
     print(f"\nSoup of trials {', '.join(map(str, soup))} ({len(soup)} of {len(order)}): {monitor} {soup_score:.4f}, the best"
           f" trial alone {scores[best]:.4f}: {path}")
     train.export_for_inference(str(path))

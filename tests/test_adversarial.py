@@ -261,22 +261,38 @@ def test_pipelined_requests_are_answered_in_order(server):
     b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-Many: a\r\n" * 5_000 + b"\r\n",  # 5,000 headers
     b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
     b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+    b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\nabcde",
     b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
     b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",  # not a chunk size
     b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(64),  # a TLS ClientHello to a plain-HTTP port
     b"GET /health HTTP/1.1\r\nHost: x\r\nX-Nul: a\x00b\r\n\r\n",  # a NUL in a header value
     b"\x00\xff\xfe GARBAGE\r\n\r\n",
-], ids=["70KB-header", "5000-headers", "length-abc", "length-negative", "two-lengths", "bad-chunk", "tls", "nul-in-header", "garbage"])
+], ids=["70KB-header", "5000-headers", "length-abc", "length-negative", "length-plus", "two-lengths", "bad-chunk", "tls", "nul-in-header", "garbage"])
 def test_malformed_requests_get_4xx_and_the_server_goes_on(server, request_bytes):
-    """Held: h11 refuses each with 400 (uvicorn's plain-text "Invalid HTTP request received.") and closes. Found:
-    headers over h11's 16 KiB sent in one piece were parsed and served (h11 bounds only what it waits for).
-    Fixed: 431 for headers over 16 KiB in all."""
+    """Held: h11 refuses each with 400 and closes. Found: headers over h11's 16 KiB sent in one piece were parsed and
+    served (h11 bounds only what it waits for). Fixed: 431 for headers over 16 KiB in all. Found (issue 44): h11's
+    400 was uvicorn's plain text, "Invalid HTTP request received."; the README promises a JSON detail. Fixed."""
     with connect(server.port) as sock:
         sock.sendall(request_bytes)
         answer, closed = read_until_closed(sock, 5)
     too_large = len(request_bytes) > 16 * 1024
     assert answer.startswith(b"HTTP/1.1 431 " if too_large else b"HTTP/1.1 400 "), answer[:200]
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower() and json.loads(body)["detail"], answer[:300]
     assert closed or too_large  # a 431 is an answer like any other: the connection may go on
+    still_answers(server.url)
+
+
+def test_headers_too_large_sent_in_pieces_get_a_json_400(server):
+    """Issue 44: a header over h11's 16 KiB bound, sent in pieces, was refused in uvicorn's plain text."""
+    with connect(server.port) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        for _ in range(20):
+            sock.sendall(b"a" * 1024)
+            time.sleep(0.01)
+        answer, closed = read_until_closed(sock, 5)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"application/json" in head and json.loads(body)["detail"], answer[:300]
     still_answers(server.url)
 
 
@@ -532,6 +548,50 @@ def test_a_config_file_bomb_is_one_line(tiny_model_dir, tiny_data_dir, tmp_path)
     assert "over 100,000 values once its aliases are expanded" in result.stderr and not (tmp_path / "logs").exists()
 
 
+@pytest.mark.parametrize("script, options, message", [
+    ("train.py", ["--model.head_seed", str(2**64)], "error: --model.head_seed must be from 0 to 2**64 - 1"),
+    ("tune.py", ["--model.head_seed", str(2**64)], "error: --model.head_seed must be from 0 to 2**64 - 1"),
+    ("train.py", ["--data.task", "mine", "--data.text_columns", "[line]"], "error: --data.text_columns: 'line' names one of"),
+])
+def test_options_that_were_tracebacks_are_one_line(tiny_model_dir, tiny_data_dir, tmp_path, script, options, message):
+    """Issue 44: on e28d847 a head seed of 2**64 was a 45-line traceback (through tune.py: a study with a failed trial),
+    and a text column named `line` another."""
+    result = subprocess.run([sys.executable, str(REPO / script), *tiny_train_args(tiny_model_dir, tiny_data_dir), *options],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.stderr.startswith(message), result.stderr
+    assert not list(tmp_path.rglob("version_*")) and not list(tmp_path.rglob("*.db"))  # no run, no study
+
+
+def run_under_memory_limit(script: str, args: list[str], cwd: Path, gigabytes: int = 4) -> subprocess.CompletedProcess:
+    """A script run with its address space capped (RLIMIT_AS): an input that is not bounded ends in a MemoryError."""
+    limit = gigabytes << 30
+    return subprocess.run([sys.executable, str(REPO / script), "--trainer.enable_progress_bar", "false", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+
+
+@pytest.mark.parametrize("kind", ["cola", "jsonl"])
+def test_a_huge_line_in_a_data_file_is_one_line_under_a_memory_limit(tiny_model_dir, tiny_data_dir, tmp_path, kind):
+    """Issue 44: on e28d847 one 20 MB line in train.tsv trained, with a 5.9 GB peak (its tokenization)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    huge = "the dog sat " * ((20 << 20) // 12)  # 20 MB
+    if kind == "cola":
+        shutil.copy(tiny_data_dir / "dev.tsv", data / "dev.tsv")
+        (data / "train.tsv").write_text("src\t1\t\tThe dog sat.\nsrc\t0\t\t" + huge + "\n", encoding="utf-8")
+        args, name = [], "train.tsv"
+    else:
+        for split in ("train", "dev"):
+            rows = [{"text": "The dog sat.", "label": 1}, {"text": huge if split == "dev" else "A cat.", "label": 0}]
+            (data / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+        args, name = ["--data.task", "mine", "--data.text_columns", "[text]"], "dev.jsonl"
+    result = run_under_memory_limit("train.py", [*tiny_train_args(tiny_model_dir, data), *args], tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip() == f"error: {data / name}:2: a line over 65,536 bytes is no example: is it the right file?"
+
+
 PASSWORD = "Pa55-w0rd.secret"
 
 
@@ -543,6 +603,8 @@ PASSWORD = "Pa55-w0rd.secret"
     f"postgresql://user:{PASSWORD}@with-an-at@127.0.0.1:1/db",  # an unescaped '@' in the password
     f"postgresql://127.0.0.1:1/db?user=user&password={PASSWORD}",
     f"mysql://user:{PASSWORD}@127.0.0.1:1/db",  # no driver installed
+    f"postgresql:/postgres:{PASSWORD}@127.0.0.1:1/db",  # one slash: "Could not parse", with the URL (issue 44)
+    f"postgresql:postgres:{PASSWORD}@127.0.0.1:1/db",  # none
 ])
 def test_a_storage_password_is_in_no_line_whatever_the_url(tiny_model_dir, tiny_data_dir, tmp_path, url):
     """Found: the password was masked in one error of a well-formed URL and printed in others (a malformed URL
@@ -553,6 +615,17 @@ def test_a_storage_password_is_in_no_line_whatever_the_url(tiny_model_dir, tiny_
     assert result.returncode == 1 and result.stderr.startswith("error: --storage ") and result.stderr.count("\n") == 1, result.stderr
     for secret in (PASSWORD, PASSWORD.replace(".", "%2E"), "w0rd"):
         assert secret not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("option", [["--stor"], ["--sto"], ["--st"], ["--stor="]])
+def test_a_storage_password_given_through_an_abbreviated_option_is_in_no_line(tiny_model_dir, tiny_data_dir, tmp_path, option):
+    """Issue 44: argparse takes --stor for --storage, and masking looked for --storage alone."""
+    url = f"postgresql:/postgres:{PASSWORD}@127.0.0.1:1/db"
+    args = [option[0] + url] if option[0].endswith("=") else [option[0], url]
+    result = subprocess.run([sys.executable, str(REPO / "tune.py"), *args, *tiny_train_args(tiny_model_dir, tiny_data_dir)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode in (1, 2) and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert PASSWORD not in result.stdout + result.stderr
 
 
 @pytest.mark.slow

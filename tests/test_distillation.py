@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import flip_bytes, run_train, tiny_train_args
+from checkpoints import CheckpointError
 from data import TEACHER_OUTPUTS, DataError, TextDataModule
 from distill import add_teacher_outputs, perturbed, read_unlabelled, teacher_outputs
 from model import distillation_loss, logits_and_loss
@@ -70,7 +71,7 @@ def test_the_teachers_outputs_are_computed_once_per_teacher_and_data(teacher, tm
     splits, names = TextDataModule(str(tiny_model_dir), data_dir=str(tiny_data_dir))._labelled_splits()
     texts = [list(splits["train"]["sentence"])]
     first, sha256 = teacher_outputs(str(copy), texts, names)
-    assert first.shape == (48, 2) and len(list(tmp_path.glob("teacher.teacher-outputs-*.npy"))) == 1
+    assert first.shape == (48, 2) and len(list(tmp_path.glob("teacher.teacher-outputs-*.npz"))) == 1
 
     def no_teacher_run(*args, **kwargs):
         raise AssertionError("the teacher ran again")
@@ -85,6 +86,40 @@ def test_the_teachers_outputs_are_computed_once_per_teacher_and_data(teacher, tm
     torch.save(state, copy)
     with pytest.raises(AssertionError, match="the teacher ran again"):  # another teacher: computed anew
         teacher_outputs(str(copy), texts, names)
+
+
+def test_a_cached_teacher_is_checked_as_a_computed_one_and_its_cache_verified(teacher, tmp_path, tiny_model_dir,
+                                                                              tiny_data_dir, monkeypatch, capsys):
+    """Issue 44: on e28d847 a cache hit returned before the teacher's labels were checked, and cached values changed
+    on disk were used as they were."""
+    import numpy as np
+
+    import distill
+
+    copy = tmp_path / "teacher.ckpt"
+    copy.write_bytes(teacher.read_bytes())
+    splits, names = TextDataModule(str(tiny_model_dir), data_dir=str(tiny_data_dir))._labelled_splits()
+    texts = [list(splits["train"]["sentence"])]
+    first, _ = teacher_outputs(str(copy), texts, names)  # computed, and cached
+    with pytest.raises(CheckpointError, match=r"trained on labels \['unacceptable', 'acceptable'\] of 1 text\(s\) an example;"
+                                              r" this data has \['no', 'yes'\]"):
+        teacher_outputs(str(copy), texts, ["no", "yes"])  # a hit: the same check as a miss
+
+    [cache] = tmp_path.glob("teacher.teacher-outputs-*.npz")
+    with np.load(cache) as saved:
+        tampered = {name: saved[name] for name in saved.files}
+    tampered["outputs"] = np.log(np.full_like(first, 0.5))  # the values changed, the recorded digest kept
+    with open(cache, "wb") as f:
+        np.savez(f, **tampered)
+    computed_again = []
+    real_predictor = distill.Predictor
+    monkeypatch.setattr(distill, "Predictor", lambda *args: computed_again.append(1) or real_predictor(*args))
+    outputs, _ = teacher_outputs(str(copy), texts, names)
+    assert computed_again and (outputs == first).all()
+    assert "the teacher's cached outputs do not match their recorded sha256; computing them again" in capsys.readouterr().out
+    cache.write_bytes(b"not an npz")
+    outputs, _ = teacher_outputs(str(copy), texts, names)
+    assert len(computed_again) == 2 and (outputs == first).all()
 
 
 def test_a_student_resumes_bit_identically_records_its_teacher_and_exports(teacher, tmp_path, tiny_model_dir, tiny_data_dir):
@@ -203,3 +238,14 @@ def test_a_checkpoint_older_than_the_teacher_option_resumes_only_without_one():
     check_same_settings("last.ckpt", saved, {"model": {"pooling": "cls", "teacher": None}, "data": {"batch_size": 8}})
     with pytest.raises(CheckpointError, match="trained with --model.teacher None, not big.ckpt"):
         check_same_settings("last.ckpt", saved, {"model": {"pooling": "cls", "teacher": "big.ckpt"}, "data": {"batch_size": 8}})
+
+
+def test_an_endless_unlabelled_file_is_one_line_under_a_memory_limit(teacher, tmp_path, tiny_model_dir, tiny_data_dir):
+    """Issue 44: on e28d847 --data.unlabelled_file /dev/zero took 3 GB in under 20 s, and so did a 20 MB line."""
+    from test_adversarial import run_under_memory_limit
+
+    args = [*tiny_train_args(tiny_model_dir, tiny_data_dir), "--model.teacher", str(teacher), "--data.unlabelled_file", "/dev/zero"]
+    result = run_under_memory_limit("train.py", args, tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == ("error: /dev/zero:1: a line over 65,536 bytes is no example: is it the"
+                                                      " right file? (--data.unlabelled_file)")

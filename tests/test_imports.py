@@ -2,6 +2,7 @@
 file stands on one above it. Read from the files' own import statements (those inside functions too)."""
 
 import ast
+import re
 from pathlib import Path
 
 from conftest import REPO
@@ -77,3 +78,20 @@ def test_the_checks_find_an_upward_import_and_a_cycle(tmp_path):
     graph = {**import_graph(), "data": project_imports(tmp_path / "data.py")}
     assert upward_imports(graph) == ["data imports inference"]
     assert a_cycle(graph) == ["data", "inference", "data"]
+
+
+def test_the_lesson_files_are_short_and_the_readme_says_how_long():
+    """Issue 45: data.py, model.py and train.py under 400 lines each, every method of the two Lightning classes under
+    60; and the README's "How it fits together" gives their lengths (to within 10 lines) as they are."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for name in ("data.py", "model.py", "train.py", "inference.py"):
+        lines = len((REPO / name).read_text(encoding="utf-8").splitlines())
+        said = int(re.search(rf"^\| `{re.escape(name)}` \| (\d+) \|", readme, re.M).group(1))
+        assert abs(said - lines) <= 10, f"README says {name} has {said} lines; it has {lines}"
+        assert name == "inference.py" or lines < 400
+    for name, cls in (("data.py", "TextDataModule"), ("model.py", "TextClassifier")):
+        tree = ast.parse((REPO / name).read_text(encoding="utf-8"))
+        [class_def] = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == cls]
+        long = [(f.name, f.end_lineno - f.lineno + 1) for f in class_def.body
+                if isinstance(f, ast.FunctionDef) and f.end_lineno - f.lineno + 1 >= 60]
+        assert long == [], f"{cls}: methods of 60 lines or more"

@@ -222,6 +222,18 @@ def test_bad_input_files(trained, tmp_path):
     assert "latin1.txt:2: not valid UTF-8" in one_line_error(run_inference(workdir, "--file", str(tmp_path / "latin1.txt")))
 
 
+@pytest.mark.parametrize("good_lines", [2, 10_001])
+def test_the_good_lines_before_a_bad_one_are_answered_then_the_error_on_a_line_of_its_own(trained, tmp_path, good_lines):
+    """Issue 44: on e28d847 a bad line among the first 10,000 printed nothing for the good lines before it; after
+    10,000 the error was glued to the progress bar."""
+    workdir, _ = trained
+    (tmp_path / "in.txt").write_bytes(b"The dog sat.\n" * good_lines + b"Caf\xe9.\nThe cat sat.\n")
+    result = run_inference(workdir, "--file", str(tmp_path / "in.txt"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stdout.count("The dog sat.") == good_lines and "The cat sat." not in result.stdout
+    assert result.stderr.splitlines()[-1] == f"error: {tmp_path / 'in.txt'}:{good_lines + 1}: not valid UTF-8; save the file as UTF-8"
+
+
 @pytest.mark.parametrize("source", ["file", "stdin-json", "dev-zero"])
 def test_a_line_too_long_to_be_a_sentence_is_one_line_in_bounded_memory(trained, tmp_path, source):
     import resource

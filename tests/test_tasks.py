@@ -179,6 +179,16 @@ def test_a_pair_line_without_its_tab_is_a_warning_and_the_rest_is_answered(train
     assert "warning: input 2 skipped: empty text (a pair is two texts" in result.stderr
 
 
+def test_a_pair_line_with_two_tabs_is_a_warning_not_a_guess(trained_task):
+    """Issue 44: on e28d847 "first<TAB>second<TAB>third" was classified as ("first", "second<TAB>third") without a word."""
+    name, workdir, _, run_dir = trained_task
+    if name != "rte":
+        pytest.skip("pairs only")
+    result = inference(workdir, "--checkpoint", str(run_dir), "-", stdin="The dog sat.\tA cat ran.\nfirst\tsecond\tthird\n")
+    assert result.returncode == 0 and result.stdout.count("\n") == 1 and "third" not in result.stdout
+    assert "warning: input 2 skipped: 2 tabs (a pair is two texts" in result.stderr
+
+
 def test_glue_test_writes_the_tasks_submission_file(trained_task, tmp_path):
     name, workdir, _, run_dir = trained_task
     test_file = tmp_path / "test.tsv"
@@ -212,6 +222,8 @@ GOOD_TRAIN = "review,sentiment\nA dog sat.,positive\nA cat sat.,negative\n"
     (GOOD_TRAIN + "A bird sat.\n", GOOD_TRAIN, {}, "train.csv:4: 1 fields, but the header (line 1) names 2"),
     (GOOD_TRAIN + ",negative\n", GOOD_TRAIN, {}, "train.csv:4: empty 'review'"),
     (GOOD_TRAIN, GOOD_TRAIN, {"label_column": "stars"}, "train.csv:1: no column 'stars'"),
+    ("review,sentiment,review\nA dog sat.,positive,x\nA cat sat.,negative,y\n", GOOD_TRAIN, {},
+     "train.csv:1: the header names column 'review' twice: name each column once"),  # issue 44: the last one was used
     ("review,sentiment\n" + "".join(f"A dog.,{n}\n" for n in range(1001)), GOOD_TRAIN, {},
      "train.csv: 1,001 distinct labels (at most 1,000): is --data.label_column sentiment the column of labels?"),
 ])
@@ -223,6 +235,20 @@ def test_bad_files_are_one_data_error_naming_file_and_line(tmp_path, tiny_model_
     with pytest.raises(DataError) as error:
         datamodule.label_names
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_bad_byte_deep_in_a_csv_file_is_reported_at_its_line(tmp_path, tiny_model_dir):
+    """Issue 44: on e28d847 a bad UTF-8 byte on line 40 of a CSV file was reported at line 2 (the csv module decodes
+    in blocks); a duplicate key of a JSON Lines object silently kept the last one."""
+    (tmp_path / "train.csv").write_bytes(GOOD_TRAIN.encode() + b"A dog ran.,positive\n" * 36 + b"A d\xffg.,negative\n")
+    write(tmp_path, "dev.csv", GOOD_TRAIN)
+    datamodule = TextDataModule(str(tiny_model_dir), task="reviews", data_dir=str(tmp_path), text_columns=["review"],
+                                label_column="sentiment")
+    with pytest.raises(DataError, match=r"train.csv:40: not valid UTF-8"):
+        datamodule.label_names
+    (tmp_path / "rows.jsonl").write_text('{"text": "A.", "label": 1}\n{"text": "B.", "label": 0, "text": "C."}\n')
+    with pytest.raises(DataError, match=r"rows.jsonl:2: key 'text' twice in one object"):
+        list(read_table(tmp_path / "rows.jsonl", [("text",)], ["label"], ("sentence",)))
 
 
 def test_glue_files_take_label_words_or_numbers_and_refuse_others(tmp_path, tiny_model_dir):
@@ -246,6 +272,12 @@ def test_glue_files_take_label_words_or_numbers_and_refuse_others(tmp_path, tiny
     ({"task": "x", "data_dir": "d", "text_columns": ["a", "b", "c"]}, "--data.text_columns names one column (single texts) or two (pairs)"),
     ({"task": "sst2", "text_columns": ["a"]}, "--data.text_columns and --data.label_column choose columns of your files"),
     ({"metric": "auc"}, "--data.metric must be one of mcc, accuracy, f1"),
+    # Issue 44: tracebacks on e28d847 (the project's own columns are named line, label, labels...)
+    ({"perturbed_copies": 1000000, "teacher": "t.ckpt"}, "--data.perturbed_copies must be from 0 to 20, not 1000000"),  # issue 44: 4 GB
+    ({"task": "x", "data_dir": "d", "text_columns": ["line"]}, "--data.text_columns: 'line' names one of the columns this project makes of yours"),
+    ({"task": "x", "data_dir": "d", "text_columns": ["labels"]}, "--data.text_columns: 'labels' names one of the columns this project makes of yours"),
+    ({"task": "x", "data_dir": "d", "text_columns": ["stars"], "label_column": "stars"},
+     "--data.text_columns and --data.label_column both name 'stars': the texts and the labels are two columns"),
 ])
 def test_bad_task_options_are_one_line(options, message):
     with pytest.raises(OptionError, match="^" + message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):

@@ -4,6 +4,7 @@ the best trial served, bad input. Each trial trains 2 epochs of 6 steps."""
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -221,13 +222,18 @@ def test_a_search_space_varies_the_options_it_names(tmp_path):
         ("model.pooling: []", "model.pooling: give a list of choices"),
         ("model.learning_rate: {low: 1}", "model.learning_rate: give a list of choices"),
         ("model.learning_rate: {low: 1.0e-3, high: 1.0e-5}", r"model.learning_rate: low \(0.001\) is above high \(1e-05\): swap them"),
-        ("model.warmup_ratio: {low: .nan, high: 0.2}", "model.warmup_ratio: low \\(nan\\) is above high"),
+        # Issue 44: on e28d847 "low (nan) is above high: swap them"
+        ("model.warmup_ratio: {low: .nan, high: 0.2}", "model.warmup_ratio: nan is not a number a trial can take"),
         ("model.learning_rate: {low: 0.0, high: 1.0e-3, log: true}", "model.learning_rate: log: true needs a low above 0, not 0.0"),
         ("model.learning_rate: {low: 1.0e-5, high: 1.0e-3, log: yes please}", "model.learning_rate: log is true or false"),
     ):
         (tmp_path / "bad.yaml").write_text(bad)
         with pytest.raises(tune.SweepError, match=f"^{re.escape(str(tmp_path / 'bad.yaml'))}: {message}"):
             tune.read_space(str(tmp_path / "bad.yaml"))
+    # Issue 44: a YAML syntax error named no line or column on e28d847
+    (tmp_path / "bad.yaml").write_text("model.pooling: [cls, mean]\nmodel.learning_rate: {low: 1.0e-5, high: 1.0e-3\n")
+    with pytest.raises(tune.SweepError, match=f"^--search_space {re.escape(str(tmp_path / 'bad.yaml'))}:3:1: expected ',' or '}}'"):
+        tune.read_space(str(tmp_path / "bad.yaml"))
 
 
 def test_after_a_sweep_its_best_trial_is_picked_and_a_later_plain_run_wins(tmp_path):
@@ -254,7 +260,7 @@ def test_after_a_sweep_its_best_trial_is_picked_and_a_later_plain_run_wins(tmp_p
     assert checkpoints.find_best_checkpoint(log_dir) == later
 
 
-def test_a_soup_of_two_trials_is_their_average_and_is_served(tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch):
+def test_a_soup_of_two_trials_is_their_average_and_is_served(tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch, capsys):
     """tune.py --soup after 2 trials that share --model.head_seed. The tiny model's val MCC is 0 for every run (one
     class predicted), so the greedy rule (a trial joins unless the soup's val MCC drops) takes both."""
     args = ["--n_trials", "2", "--soup", *tune_args(tiny_model_dir, tiny_data_dir, "--model.head_seed", "0")]
@@ -283,11 +289,34 @@ def test_a_soup_of_two_trials_is_their_average_and_is_served(tmp_path, tiny_mode
         process.wait()
     assert "soup-val_mcc" in json.dumps(health) and answer.status_code == 200
     assert answer.json()[0]["label"] in ("acceptable", "unacceptable")
+    # Issue 44: on e28d847 the same --soup again made a second soup, and a trial whose checkpoint is gone was left out
+    # without a word ("2 of 2").
+    again = subprocess.run([sys.executable, str(REPO / "tune.py"), *args], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and f"The soup of these trials is already made: {metrics['best_model_path']}" in again.stdout
+    assert not (tmp_path / "logs" / "cola" / "version_3").exists()
+    monkeypatch.chdir(tmp_path)  # where the trials' run folders are
+    study = optuna.load_study(study_name="cola", storage="sqlite:///logs/tune.db")
+    kept = Path(metrics["soup"]["trials"][1]["checkpoint"]).read_bytes()
+    Path(metrics["soup"]["trials"][1]["checkpoint"]).unlink()
+    with pytest.raises(tune.SweepError, match=r"^--soup: 1 trial\(s\) with a saved checkpoint"):
+        tune.make_soup(study)
+    assert "note: --soup leaves trial 1 out: its best checkpoint is gone" in capsys.readouterr().out
+    Path(metrics["soup"]["trials"][1]["checkpoint"]).write_bytes(kept)
+    # Issue 44: on e28d847 a --soup killed while writing left a run folder that every later inference.py noted.
+    shutil.rmtree(run_dir)
+
+    def killed(*args):
+        raise KeyboardInterrupt  # as if killed after the checkpoint was written
+
+    monkeypatch.setattr(tune.shutil, "copy", killed)
+    with pytest.raises(KeyboardInterrupt):
+        tune.make_soup(study)
+    assert not list((tmp_path / "logs" / "cola").glob("version_[2-9]")) and list((tmp_path / "logs" / "cola").glob(".soup.*.tmp"))
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
     # Trials that read their weights otherwise (here: another pooling) are refused, not averaged.
     other = checkpoints.load_checkpoint(Path(metrics["soup"]["trials"][1]["checkpoint"]))
     other["hyper_parameters"]["pooling"] = "mean" if other["hyper_parameters"]["pooling"] == "cls" else "cls"
     AtomicCheckpointIO().save_checkpoint(other, metrics["soup"]["trials"][1]["checkpoint"])
-    monkeypatch.chdir(tmp_path)  # where the trials' run folders are
-    study = optuna.load_study(study_name="cola", storage="sqlite:///logs/tune.db")
     with pytest.raises(tune.SweepError, match=r"^--soup: trials 0 and 1 differ in --model.pooling: only runs of one model"):
         tune.make_soup(study)
