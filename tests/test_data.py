@@ -13,6 +13,7 @@ from data import (
     ShuffleSampler,
     load_local_cola,
     read_glue_tsv,
+    read_table,
 )
 
 
@@ -289,3 +290,78 @@ def test_sentences_are_cut_to_the_models_position_embeddings(tmp_path, tiny_mode
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
     batch = next(iter(datamodule.train_dataloader()))  # both sentences, padded to 64
     assert model(**{k: v for k, v in batch.items() if k != "labels"}).logits.shape == (2, 2)
+
+
+# Issue 44: every file reader and line reader fed random bytes and shapes: its rows, or one DataError (InputError for
+# inference.py) that names the file and a line the file has, the first undecodable one for a UTF-8 error.
+TABLE_PIECES = [b"text,label\n", b"text\tlabel\n", b'{"text": "A dog.", "label": 1}\n', b"A dog.,1\n", b"A cat.\t0\n",
+                b'"', b",", b"\t", b"\n", b"\r\n", b"{", b"}", b"\xff", b"\xe9", b"\xef\xbb\xbf", b"\x00", b"label", b" "]
+table_bytes = st.binary(max_size=300) | st.lists(st.sampled_from(TABLE_PIECES), max_size=30).map(b"".join)
+
+
+def first_undecodable_line(data: bytes) -> int:
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            return number
+    return 0
+
+
+def check_error_line(message: str, path, data: bytes) -> None:
+    assert "\n" not in message and message.startswith(str(path)), message
+    where = message[len(str(path)):].split(" ", 1)[0]
+    if where.startswith(":") and where[1:].split(":")[0].isdigit():
+        line = int(where[1:].split(":")[0])
+        assert 1 <= line <= data.count(b"\n") + 1, message  # a line the file has
+        if "not valid UTF-8" in message:
+            assert line == first_undecodable_line(data), message
+
+
+@PROPERTY_SETTINGS
+@given(data=table_bytes, kind=st.sampled_from(["csv", "tsv", "jsonl"]))
+def test_any_bytes_in_a_table_give_rows_or_one_error_at_a_line_it_has(tmp_path, data, kind):
+    path = tmp_path / f"train.{kind}"
+    path.write_bytes(data)
+    try:
+        rows = list(read_table(path, [("text",)], ["label"], ("sentence",)))
+    except DataError as error:
+        check_error_line(str(error), path, data)
+    else:
+        assert rows and all(row["sentence"].strip() and isinstance(row["label"], str) for row in rows)
+
+
+@PROPERTY_SETTINGS
+@given(data=table_bytes, pairs=st.booleans())
+def test_any_bytes_in_an_unlabelled_file_give_texts_or_one_error_at_a_line_it_has(tmp_path, data, pairs):
+    from distill import read_unlabelled
+
+    path = tmp_path / "more.txt"
+    path.write_bytes(data)
+    try:
+        texts = list(read_unlabelled(path, 2 if pairs else 1))
+    except DataError as error:
+        check_error_line(str(error), path, data)
+    else:
+        assert all(len(t) == (2 if pairs else 1) and all(x.strip() for x in t) for t, _ in texts)
+
+
+@PROPERTY_SETTINGS
+@given(data=table_bytes)
+def test_any_bytes_read_by_inference_give_the_lines_before_a_bad_one_then_one_error(tmp_path, data):
+    import io
+
+    from inference import InputError, read_lines
+
+    lines, error = [], None
+    try:
+        for chunk in read_lines(io.BytesIO(data), "in.txt"):
+            lines += chunk
+    except InputError as e:
+        error = str(e)
+    if error:
+        check_error_line(error, "in.txt", data)
+        if "not valid UTF-8" in error:
+            assert len(lines) == first_undecodable_line(data) - 1  # every line before the bad one, then the error
+    else:
+        assert first_undecodable_line(data) == 0
