@@ -287,9 +287,12 @@ def test_headers_too_large_sent_in_pieces_get_a_json_400(server):
     """Issue 44: a header over h11's 16 KiB bound, sent in pieces, was refused in uvicorn's plain text."""
     with connect(server.port) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ")
-        for _ in range(20):
-            sock.sendall(b"a" * 1024)
-            time.sleep(0.01)
+        try:
+            for _ in range(20):
+                sock.sendall(b"a" * 1024)
+                time.sleep(0.05)
+        except (BrokenPipeError, ConnectionResetError):  # answered and closed once past the bound: what is tested
+            pass
         answer, closed = read_until_closed(sock, 5)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 ") and b"application/json" in head and json.loads(body)["detail"], answer[:300]
@@ -559,8 +562,8 @@ def test_options_that_were_tracebacks_are_one_line(tiny_model_dir, tiny_data_dir
     result = subprocess.run([sys.executable, str(REPO / script), *tiny_train_args(tiny_model_dir, tiny_data_dir), *options],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.stderr.startswith(message), result.stderr
+    said = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("Seed set to")]  # Lightning's
+    assert len(said) == 1 and said[0].startswith(message), result.stderr
     assert not list(tmp_path.rglob("version_*")) and not list(tmp_path.rglob("*.db"))  # no run, no study
 
 
@@ -589,7 +592,8 @@ def test_a_huge_line_in_a_data_file_is_one_line_under_a_memory_limit(tiny_model_
         args, name = ["--data.task", "mine", "--data.text_columns", "[text]"], "dev.jsonl"
     result = run_under_memory_limit("train.py", [*tiny_train_args(tiny_model_dir, data), *args], tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert result.stderr.strip() == f"error: {data / name}:2: a line over 65,536 bytes is no example: is it the right file?"
+    said = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("Seed set to")]  # Lightning's
+    assert said == [f"error: {data / name}:2: a line over 65,536 bytes is no example: is it the right file?"]
 
 
 PASSWORD = "Pa55-w0rd.secret"
