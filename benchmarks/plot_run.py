@@ -25,8 +25,13 @@ def main() -> None:
     loss.plot(steps, values, color="grey", linewidth=0.8)
     loss.set_title("train_loss")
     steps, values = zip(*[(e.step, e.value) for e in events.Scalars("val_mcc")])
-    mcc.plot(steps, values, color="tab:red", marker="o")
+    mcc.plot(steps, values, color="tab:red", marker="o", label="all")
     mcc.set_title("val_mcc (CoLA's metric)")
+    for part, style in (("seen", "--"), ("unseen", ":")):  # a run with --data.group_column
+        if f"val_{part}_mcc" in events.Tags()["scalars"]:
+            steps, values = zip(*[(e.step, e.value) for e in events.Scalars(f"val_{part}_mcc")])
+            mcc.plot(steps, values, color="tab:red", linestyle=style, marker=".", label=f"{part} sources")
+            mcc.legend(fontsize=7, frameon=False)
     for axes in (loss, mcc):
         axes.set_xlabel("step")
         axes.grid(alpha=0.3)
