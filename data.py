@@ -14,10 +14,7 @@ from transformers import AutoConfig, AutoTokenizer, DataCollatorWithPadding
 
 from checkpoints import CheckpointError
 from hub import explain_hub_errors, load_glue
-from readers import (  # noqa: F401 (read_glue_tsv, read_table, text_line: their names here too, for readers of this file)
-    FORMATS, SPLIT_FILES, DataError, find_split_file, is_headerless_cola, load_cola_file, load_local_cola, load_local_table,
-    read_glue_tsv, read_table, text_line,
-)
+from readers import FORMATS, SPLIT_FILES, DataError, find_split_file, is_headerless_cola, load_cola_file, load_local_table
 from samplers import BUCKET_LENGTHS, LengthGroupedSampler, PadToBucket, ResumableDataLoader, ShuffleSampler
 
 MODEL_INPUTS = ["input_ids", "token_type_ids", "attention_mask", "labels"]
@@ -273,9 +270,9 @@ class TextDataModule(pl.LightningDataModule):
 
     def _mark_seen_groups(self, train: datasets.Dataset, validation: datasets.Dataset) -> datasets.Dataset:
         """validation with GROUP_SEEN (1: the example's group occurs in train), when both parts have examples."""
-        column, seen = self.hparams.group_column, set(train["group"])
-        flags = [int(group in seen) for group in validation["group"]]
-        unseen = sorted(set(validation["group"]) - seen)
+        column, seen, groups = self.hparams.group_column, set(train["group"]), validation["group"]
+        flags = [int(group in seen) for group in groups]
+        unseen = sorted(set(groups) - seen)
         if not 0 < sum(flags) < len(flags):
             print(f"note: --data.group_column {column}: {'every' if all(flags) else 'no'} validation example's {column} occurs"
                   " in the training data: only the overall metrics are logged")

@@ -32,7 +32,7 @@ from transformers import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # data.py, when run as a script
-from data import SPLIT_FILES, read_glue_tsv  # noqa: E402
+from readers import SPLIT_FILES, read_glue_tsv  # noqa: E402
 
 MAX_LENGTH = 128  # as train.py's --data.max_length and run_glue.py's --max_seq_length
 

@@ -31,7 +31,7 @@ from sklearn.metrics import matthews_corrcoef
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from data import DataError, read_glue_tsv  # noqa: E402
+from readers import DataError, read_glue_tsv  # noqa: E402
 from checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint  # noqa: E402
 from export import load_torch_model, model_facts  # noqa: E402
 from inference import BATCH_SIZE, Predictor, InputError  # noqa: E402

@@ -37,7 +37,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from data import DataError, read_glue_tsv  # noqa: E402
+from readers import DataError, read_glue_tsv  # noqa: E402
 from checkpoints import CheckpointError  # noqa: E402
 from inference import Predictor, InputError  # noqa: E402
 

@@ -46,7 +46,7 @@ import torch  # noqa: E402
 from pytorch_lightning import Callback  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from data import SPLIT_FILES, DataError, read_glue_tsv  # noqa: E402
+from readers import SPLIT_FILES, DataError, read_glue_tsv  # noqa: E402
 
 ROWS = {  # name: (batches, padding: per batch or every sentence to 128 tokens, what it is)
     "ours": ("length-grouped", "dynamic", "python train.py, its defaults (Lightning)"),

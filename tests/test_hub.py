@@ -31,7 +31,7 @@ from starlette.responses import Response, StreamingResponse
 
 from benchmarks import serve_load
 from conftest import REPO, make_sentence
-from data import read_glue_tsv
+from readers import read_glue_tsv
 
 pytestmark = pytest.mark.slow  # real servers and several training runs: CI runs them, the fast tier does not
 

@@ -13,7 +13,8 @@ import torch
 from fastapi.testclient import TestClient
 
 from conftest import REPO, make_sentence, run_train
-from data import DataError, OptionError, TextDataModule, read_table
+from data import DataError, OptionError, TextDataModule
+from readers import read_table
 
 # name -> (task option, extra train.py options, files writer, label names as the model should have them)
 WORD_LABELS = ("negative", "positive")  # a user's words, sorted: label 0 is "negative"
