@@ -60,6 +60,8 @@ MAX_LABELS = 1000  # more distinct labels than a classification head of this rec
 # TinyBERT's augmentation made 20 variants a sentence, the most in the literature; a sentence of n words has about 1.5n
 # single drops and swaps, so more copies repeat themselves (1,000 copies of CoLA: 724 distinct a sentence at most).
 MAX_PERTURBED_COPIES = 20
+# DataLoader worker processes, each a copy of the training process: beyond a few per core they only cost memory.
+MAX_WORKERS = 64
 
 
 class OptionError(ValueError):
@@ -116,8 +118,8 @@ def check_data_options(
     if (perturbed_copies or unlabelled_file) and not teacher:
         raise OptionError("--data.perturbed_copies and --data.unlabelled_file add examples that a teacher labels:"
                           " give one with --model.teacher")
-    if num_workers is not None and num_workers < 0:
-        raise OptionError(f"--data.num_workers must be 0 or more (0: load batches in the training process), not {num_workers}")
+    if num_workers is not None and not 0 <= num_workers <= MAX_WORKERS:  # 2**64 forked until memory ran out
+        raise OptionError(f"--data.num_workers must be 0 to {MAX_WORKERS} (0: load batches in the training process), not {num_workers}")
 
 
 class TextDataModule(pl.LightningDataModule):

@@ -391,7 +391,7 @@ def print_results(results: list[dict], as_json: bool, first_line: int = 1, label
             print(f"{result['label']:<{label_width}}  {probability:.3f}  {text}")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sentences", nargs="*", help="sentences to classify (for a model of pairs: two texts with a tab"
                         " between); '-' reads them from standard input")
@@ -408,7 +408,11 @@ def main() -> None:
                         " nyu-mll/glue test split of that task")
     # argparse prints its usage before the error: one line instead, as every other problem.
     parser.error = lambda message: sys.exit(f"error: {message} (python inference.py --help lists the options)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     check_inputs(args)
     # A sentence stdout's encoding cannot write (PYTHONIOENCODING=ascii, a C locale) was a traceback: \xdf instead.
     sys.stdout.reconfigure(errors="backslashreplace")
@@ -470,7 +474,8 @@ def main() -> None:
         raise CheckpointError(f"{checkpoint}: {not_finite} sentence(s) got no prediction: {NOT_FINITE}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """main() as a command: a bad input or checkpoint is one line on stderr and exit status 1."""
     try:
         main()
     except (InputError, CheckpointError) as e:
@@ -481,3 +486,6 @@ if __name__ == "__main__":
 
 
 ColaPredictor = Predictor  # its name when it knew CoLA alone
+
+if __name__ == "__main__":
+    run()

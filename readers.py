@@ -1,6 +1,7 @@
 """Readers of the files a task's data comes in: GLUE's CoLA TSV files (no header), and TSV, CSV or JSON Lines tables
 with a header (GLUE's other tasks, a user's own), each as an Arrow dataset cached by the file's content. A bad line
-is one DataError naming the file and the line."""
+is one DataError naming the file and the line. And the size check of YAML files (train.py's --config, tune.py's
+search spaces)."""
 
 import contextlib
 import csv
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Optional
 
 import datasets
+import yaml
 
 SPLIT_FILES = {"train": "train.tsv", "validation": "dev.tsv"}  # GLUE names the validation file dev.tsv
 # A user's own files: train.* and dev.* (or validation.*; MNLI's dev_matched.tsv) in one of these formats.
@@ -250,6 +252,8 @@ def find_split_file(data_dir: Path, split: str) -> Path:
         found = [path for path in candidates if path.is_file()]
     except OSError as e:  # a folder that may not be listed: is_file() raises rather than say False
         raise DataError(f"{candidates[0]}: cannot read ({e.strerror}): check the permissions of --data.data_dir") from None
+    if not found and any(path.exists() for path in candidates):  # /dev/zero, a pipe or a folder named train.tsv
+        raise DataError(f"{next(p for p in candidates if p.exists())}: not a regular file (give a file of examples)")
     if not found:
         raise DataError(f"{candidates[0]}: file not found (data_dir must hold {SPLIT_FILES['train']} and {SPLIT_FILES['validation']},"
                         " or train and dev files in CSV or JSON Lines: train.csv, dev.jsonl...)")
@@ -266,3 +270,31 @@ def is_headerless_cola(path: Path) -> bool:
     except OSError:
         return True  # the CoLA reader says why, as before
     return path.suffix == ".tsv" and len(first) == 4 and first[1] in (b"0", b"1")
+
+
+# YAML aliases let 9 lines stand for 43 million values (the "billion laughs"): such a --config took all memory
+# (MemoryError at 4 GB). A config or a search space holds hundreds of values.
+MAX_YAML_VALUES = 100_000
+
+
+def check_yaml_size(text: str) -> None:
+    """yaml.YAMLError for a document whose values, its aliases expanded, number over MAX_YAML_VALUES (or that
+    refers to itself): counted on the parsed node graph, where an alias is one shared node, before any expansion."""
+    sizes: dict[int, Optional[int]] = {}
+
+    def size(node: yaml.Node) -> int:
+        if id(node) not in sizes:
+            sizes[id(node)] = None  # in progress: met again below it, the document contains itself
+            children = node.value if isinstance(node, yaml.SequenceNode) else (
+                [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+            sizes[id(node)] = 1 + sum(size(child) for child in children)
+        if sizes[id(node)] is None:
+            raise yaml.YAMLError("a YAML alias refers to a value that contains it")
+        return sizes[id(node)]
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
+    if root is not None and size(root) > MAX_YAML_VALUES:
+        raise yaml.YAMLError(f"over {MAX_YAML_VALUES:,} values once its aliases are expanded: not a config")

@@ -60,6 +60,7 @@ from metrics import CLIENT_GONE, CONTENT_TYPE, MULTIPROCESS_DIR, RequestMetrics,
 PAGE = Path(__file__).resolve().parent / "serve.html"  # read once per start: no file opened per request
 # What loading a checkpoint raises for a file or folder that cannot be served: one line, exit 1.
 START_UP_ERRORS = (InputError, CheckpointError)
+MAX_WORKERS = 1024  # each a process with its own copy of the model: more is a typo (2**64 tried to start them all)
 # A gathered batch goes to the model in length-sorted slices of 8: 32 random CoLA sentences padded to the
 # longest cost MiniLM-L6 more than the batching saves (measured on 2 cores: 1.35x the one-at-a-time
 # sentences/s in one slice of 32, 1.7-1.8x in slices of 8 or 16).
@@ -668,7 +669,7 @@ def refuse(message: str) -> NoReturn:
     sys.exit(2)
 
 
-def parse_args() -> tuple[Settings, argparse.Namespace]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, help="a .ckpt file, a run folder, a folder of runs (default: logs/cola),"
                         " or an ONNX export: a .onnx file or a folder holding it (no PyTorch needed)")
@@ -691,7 +692,13 @@ def parse_args() -> tuple[Settings, argparse.Namespace]:
                         help="a client has this long to send a whole request (its headers and body): then 408")
     parser.add_argument("--max_connections", type=int, default=defaults.max_connections,
                         help="connections open at once (per worker); beyond, a new one gets 503 and is closed")
-    args = parser.parse_args()
+    # argparse prints its usage before the error: one line instead, as every other problem.
+    parser.error = lambda message: refuse(f"{message} (python serve.py --help lists the options)")
+    return parser
+
+
+def parse_args() -> tuple[Settings, argparse.Namespace]:
+    args = build_parser().parse_args()
     for name in ("workers", "max_sentences", "max_chars", "max_body_bytes", "max_batch_size", "max_queue", "max_connections"):
         if getattr(args, name) < 1:
             refuse(f"--{name} must be at least 1, not {getattr(args, name)}")
@@ -699,6 +706,10 @@ def parse_args() -> tuple[Settings, argparse.Namespace]:
         refuse(f"--max_wait_ms must be 0 or more, not {args.max_wait_ms}")
     if not 0 < args.request_timeout_s < float("inf"):
         refuse(f"--request_timeout_s must be above 0, not {args.request_timeout_s}")
+    if args.workers > MAX_WORKERS:
+        refuse(f"--workers must be at most {MAX_WORKERS}, not {args.workers}")
+    if not args.host.strip():  # an unset variable ("--host $HOST"): the socket API would bind every interface
+        refuse("--host is empty: give an address (127.0.0.1: this machine only; 0.0.0.0: every interface)")
     if not 0 <= args.port <= 65535:
         refuse(f"--port must be 0-65535 (0: any free port), not {args.port}")
     settings = Settings(

@@ -30,7 +30,7 @@ try:  # torch and Lightning take seconds to import: a Ctrl-C meanwhile is one li
     from pytorch_lightning.callbacks import LearningRateMonitor, Timer
     from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
     from pytorch_lightning.plugins.io import TorchCheckpointIO
-    from pytorch_lightning.utilities.exceptions import SIGTERMException
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
     from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
     from callbacks import (
@@ -42,6 +42,7 @@ try:  # torch and Lightning take seconds to import: a Ctrl-C meanwhile is one li
     from data import METRICS, DataError, OptionError, TextDataModule, default_metric
     from hub import HubError
     from model import NonFiniteLossError, TextClassifier, check_options
+    from readers import check_yaml_size
 except KeyboardInterrupt:
     print("\ninterrupted while starting: nothing to save", file=sys.stderr)
     sys.exit(130)
@@ -59,34 +60,6 @@ warnings.filterwarnings("ignore", message=".*``compute`` method of metric .* was
 warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
 
-# YAML aliases let 9 lines stand for 43 million values (the "billion laughs"): such a --config took all memory
-# (MemoryError at 4 GB). A config or a search space holds hundreds of values.
-MAX_YAML_VALUES = 100_000
-
-
-def check_yaml_size(text: str) -> None:
-    """yaml.YAMLError for a document whose values, its aliases expanded, number over MAX_YAML_VALUES (or that
-    refers to itself): counted on the parsed node graph, where an alias is one shared node, before any expansion."""
-    sizes: dict[int, Optional[int]] = {}
-
-    def size(node: yaml.Node) -> int:
-        if id(node) not in sizes:
-            sizes[id(node)] = None  # in progress: met again below it, the document contains itself
-            children = node.value if isinstance(node, yaml.SequenceNode) else (
-                [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
-            sizes[id(node)] = 1 + sum(size(child) for child in children)
-        if sizes[id(node)] is None:
-            raise yaml.YAMLError("a YAML alias refers to a value that contains it")
-        return sizes[id(node)]
-
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except RecursionError:
-        raise yaml.YAMLError("nested too deeply") from None
-    if root is not None and size(root) > MAX_YAML_VALUES:
-        raise yaml.YAMLError(f"over {MAX_YAML_VALUES:,} values once its aliases are expanded: not a config")
-
-
 def load_yaml_bounded(text: str) -> Any:
     """jsonargparse's YAML loader (--config files and option values), after check_yaml_size."""
     check_yaml_size(text)
@@ -102,21 +75,41 @@ def say(message: str) -> None:
         print(message, file=sys.stderr)
 
 
+# CoLA takes 3 epochs. A schedule over more than this warms up for 10,000 of them (the first 10%): a typo, not a plan.
+MAX_EPOCHS = 100_000
+
+
 def check_trainer_options(config: Namespace) -> None:
-    """Refuse, in one line, the Trainer and run options with which nothing would be trained or saved."""
+    """Refuse, in one line, the Trainer and run options with which nothing would be trained or saved, or that
+    Lightning 2.6 takes and later fails on with a traceback (a 0 it divides by, an int no C integer holds)."""
+    for key, value in config.items():
+        if key == "trainer.devices" and str(value).lstrip("-").isdigit():  # a count given as a string
+            value = int(value)
+        if type(value) is int and abs(value) > sys.maxsize:
+            raise OptionError(f"--{key} {value}: too large (at most {sys.maxsize})")
+    seed = config.get("seed_everything")
+    if type(seed) is int and not 0 <= seed < 2**32:  # numpy's bounds
+        raise OptionError(f"--seed_everything must be from 0 to 2**32 - 1 (or true: a random one); not {seed}")
+    trainer = config.trainer
     for option in ("max_epochs", "max_steps"):
-        value = config.trainer[option]
+        value = trainer[option]
         if value is not None and (value == 0 or value < -1):
             raise OptionError(f"--trainer.{option} must be at least 1, or -1 for no limit; not {value}")
-    if config.trainer.enable_checkpointing is False:
-        raise OptionError("--trainer.enable_checkpointing false: train.py saves the best and last checkpoints; use --checkpoint.save_top_k 0 to keep only last.ckpt")
-    if config.trainer.limit_val_batches == 0:
-        raise OptionError("--trainer.limit_val_batches 0 skips validation, which picks the best checkpoint: use at least 1 batch (or 0.1 of them)")
-    minutes = config.save_last_every_minutes
-    if minutes is not None and not 0 <= minutes < float("inf"):
-        raise OptionError(
-            f"--save_last_every_minutes must be 0 or more (0: after every step), or null (only after validation); not {minutes}"
-        )
+    if trainer.max_epochs is not None and trainer.max_epochs > MAX_EPOCHS:
+        raise OptionError(f"--trainer.max_epochs must be at most {MAX_EPOCHS:,}; not {trainer.max_epochs}")
+    if trainer.max_epochs == -1 and trainer.max_steps == -1:
+        raise OptionError("--trainer.max_epochs -1 needs --trainer.max_steps: the learning rate decays to 0 at the last step")
+    for option in ("trainer.check_val_every_n_epoch", "trainer.accumulate_grad_batches", "trainer.val_check_interval",
+                   "trainer.limit_val_batches", "checkpoint.save_top_k", "checkpoint.every_n_epochs", "checkpoint.every_n_train_steps"):
+        if config.get(option) == 0:  # Lightning divides by it, or no validation picks and saves a best checkpoint
+            raise OptionError(f"--{option} 0 skips validation or the best checkpoint, which train.py is for: at least 1")
+    if trainer.fast_dev_run not in (0, False) or trainer.enable_checkpointing is False:
+        raise OptionError("--trainer.fast_dev_run and --trainer.enable_checkpointing false save no checkpoint, which train.py"
+                          " is for (for a quick try: --trainer.max_steps 2 --trainer.limit_val_batches 2)")
+    if config.get("ckpt_path") == "":
+        raise OptionError("--ckpt_path is empty: give the last.ckpt to resume, or leave it out")
+    if (minutes := config.save_last_every_minutes) is not None and not 0 <= minutes < float("inf"):
+        raise OptionError(f"--save_last_every_minutes must be 0 or more (0: after every step), or null (only after validation); not {minutes}")
 
 
 def check_config(config: dict) -> None:
@@ -178,8 +171,11 @@ class TrainCLI(LightningCLI):
         parser.link_arguments(("data.task", "data.metric"), "checkpoint.filename",
                               compute_fn=lambda task, metric: f"best-{{epoch}}-{{{monitored_metric(task, metric)}:.4f}}")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        check_trainer_options(self.config)  # before LightningCLI seeds with --seed_everything
+
     def before_instantiate_classes(self) -> None:
-        check_trainer_options(self.config)
         logger = self.config.trainer.logger
         init_args = logger.get("init_args", {}) if isinstance(logger, Namespace) else {}
         if not all(key in init_args for key in ("save_dir", "name", "version")):  # another logger, or none
@@ -220,12 +216,17 @@ class TrainCLI(LightningCLI):
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         try:
             super().instantiate_classes()
-        except BaseException:  # a bad option, model or data folder: nothing was trained
+        except BaseException as e:  # a bad option, model or data folder: nothing was trained
             self.remove_unstarted_run()
+            if isinstance(e, MisconfigurationException):  # Lightning's checks of --checkpoint.* and --early_stopping.*
+                raise OptionError(str(e)) from None
             raise
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError, TypeError) as e:  # Lightning's checks of --trainer.* options
+            raise OptionError(f"--trainer options: {e}") from None
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # unless --trainer.plugins chose another
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         if self.model.hparams.ema_decay:
@@ -336,12 +337,16 @@ def main(args: Optional[list[str]] = None, callbacks: Sequence[Callback] = (), e
     try:
         # weights_only: resuming never runs code pickled into a checkpoint (check_resumable already refused such a file).
         trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path, weights_only=True)
-    except BaseException:
+    except BaseException as e:
         if trainer.global_step == 0:
             cli.remove_unstarted_run()
+        if isinstance(e, ValueError) and "`val_check_interval`" in str(e):  # Lightning 2.6 checks it once the data is read
+            raise OptionError(f"--trainer.val_check_interval: {' '.join(str(e).split())}") from None
         raise
     checkpoint = trainer.checkpoint_callback
     if checkpoint is not None and checkpoint.best_model_score is None:  # no validation ran: nothing to report
+        if trainer.global_step == 0:
+            cli.remove_unstarted_run()
         raise OptionError(
             f"no validation ran, so there is no best checkpoint (--trainer.max_steps ended training within an epoch,"
             f" --trainer.check_val_every_n_epoch above the epochs trained, or a resumed run already at"

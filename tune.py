@@ -87,6 +87,7 @@ from checkpoints import (  # noqa: E402
 from data import DataError, OptionError, TextDataModule  # noqa: E402
 from hub import HubError  # noqa: E402
 from model import NonFiniteLossError, TextClassifier  # noqa: E402
+from readers import check_yaml_size  # noqa: E402
 
 import optuna  # noqa: E402  (after train: see above)
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -94,6 +95,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from pytorch_lightning import Callback, LightningModule, Trainer
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+MAX_TRIALS = 10_000  # a sweep here runs 10-100; 2**64 ran until stopped
 # Lightning warns when LightningCLI gets args= while sys.argv has some: here sys.argv is tune.py's, on purpose.
 warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
 # Heartbeats (a dead worker's trial retried) are marked experimental since Optuna 2.9; they are what tune.py needs.
@@ -245,7 +247,7 @@ def read_space(path: Optional[str]) -> dict:
         return {}
     try:
         text = Path(path).read_text(encoding="utf-8")
-        train.check_yaml_size(text)
+        check_yaml_size(text)
         space = yaml.safe_load(text) or {}
     except yaml.MarkedYAMLError as e:  # its line and column, as an editor counts them (PyYAML's mark counts from 0)
         mark = e.problem_mark or e.context_mark
@@ -492,7 +494,7 @@ def make_soup(study: optuna.Study) -> None:
     print_next_steps(path, " (the newest run folder)")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
         epilog="Every other option goes to each trial's train.py (python train.py --help lists them).",
@@ -504,9 +506,19 @@ def main() -> None:
     parser.add_argument("--study", default="cola", help="the study's name in --storage (default: %(default)s)")
     parser.add_argument("--heartbeat_seconds", type=int, default=60, help="a killed worker's trial is retried after 2 of these")
     parser.add_argument("--soup", action="store_true", help="then average the trials greedily into one model (needs --model.head_seed)")
-    options, train_args = parser.parse_known_args()
-    if options.n_trials < 1 or (options.budget_epochs is not None and options.budget_epochs < 1) or options.heartbeat_seconds < 1:
-        raise SweepError("--n_trials, --budget_epochs and --heartbeat_seconds must be at least 1")
+    # argparse prints its usage before the error: one line instead, as every other problem.
+    parser.error = lambda message: (print(f"error: {message} (python tune.py --help lists the options)", file=sys.stderr), sys.exit(2))
+    return parser
+
+
+def main() -> None:
+    options, train_args = build_parser().parse_known_args()
+    # Bounds, so that a typo is one line: 2**64 trials ran until stopped; a heartbeat of a day already retries a
+    # killed worker's trial two days later.
+    for name, most in (("n_trials", MAX_TRIALS), ("budget_epochs", None), ("heartbeat_seconds", 86_400)):
+        value = getattr(options, name)
+        if value is not None and not 1 <= value <= (most or value):
+            raise SweepError(f"--{name} must be at least 1" + (f" and at most {most:,}" if most else "") + f"; not {value}")
     for fixed in ("--seed_everything", "--ckpt_path"):
         if any(a == fixed or a.startswith(fixed + "=") for a in train_args):
             raise SweepError(f"{fixed}: tune.py sets it for each trial (seed: trial number + 1; a retried trial resumes)")

@@ -541,7 +541,7 @@ def test_every_value_of_a_search_space_is_checked_before_the_study_exists(tiny_m
 
 def test_a_config_file_bomb_is_one_line(tiny_model_dir, tiny_data_dir, tmp_path):
     """Found: a 9-line --config whose YAML aliases expand to 43 million values: MemoryError (at 4 GB) or the OOM
-    killer. Fixed: train.py's YAML loader counts values on the node graph first (train.check_yaml_size)."""
+    killer. Fixed: train.py's YAML loader counts values on the node graph first (readers.check_yaml_size)."""
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 8)]
     (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\n")
     result = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", "bomb.yaml", *tiny_train_args(tiny_model_dir, tiny_data_dir)],

@@ -470,7 +470,7 @@ def test_a_resume_continues_in_the_checkpoints_own_run_folder_never_in_this_fold
     [
         ("--data.batch_size", "0", "--data.batch_size must be at least 1, not 0"),
         ("--data.max_length", "1", "--data.max_length must be at least 3 ([CLS], one token, [SEP]), not 1"),
-        ("--data.num_workers", "-1", "--data.num_workers must be 0 or more"),
+        ("--data.num_workers", "-1", "--data.num_workers must be 0 to 64"),
         ("--model.learning_rate", "-1", "--model.learning_rate must be a positive number"),
         ("--model.learning_rate", "0", "--model.learning_rate must be a positive number"),
         ("--model.warmup_ratio", "2", "--model.warmup_ratio must be at least 0 and below 1"),
@@ -480,7 +480,7 @@ def test_a_resume_continues_in_the_checkpoints_own_run_folder_never_in_this_fold
         ("--trainer.max_steps", "0", "--trainer.max_steps must be at least 1"),
         ("--save_last_every_minutes", "-1", "--save_last_every_minutes must be 0 or more"),
         ("--trainer.limit_val_batches", "0", "--trainer.limit_val_batches 0 skips validation"),
-        ("--trainer.enable_checkpointing", "false", "--trainer.enable_checkpointing false: train.py saves"),
+        ("--trainer.enable_checkpointing", "false", "--trainer.fast_dev_run and --trainer.enable_checkpointing false save no checkpoint"),
     ],
 )
 def test_a_bad_option_is_one_line_and_leaves_no_run_folder(tmp_path, tiny_model_dir, tiny_data_dir, option, value, message):
