@@ -328,7 +328,9 @@ class TextDataModule(pl.LightningDataModule):
             encoded["truncated"] = [n > max_length for n in full_lengths]
             return encoded
 
-        dataset = dataset.map(encode, batched=True, desc=f"Tokenizing {split}")
+        # 64 texts a call, not datasets' 1,000: the tokenizer holds a text's whole encoding and its overflow pieces
+        # (~1.5 MB for a 64 KiB line), and 1,000 such lines took 6.9 GB (benchmarks/README.md, "Memory bounds").
+        dataset = dataset.map(encode, batched=True, batch_size=64, desc=f"Tokenizing {split}")
         truncated = sum(dataset["truncated"])
         if truncated:
             print(f"{split}: {truncated} of {len(dataset)} sentences truncated to max_length={max_length} tokens")

@@ -1,7 +1,8 @@
 """Peak memory (RSS) of each reader of the project's inputs on its worst input (issue 44): a file of lines at the
 line bound, and /dev/zero (one line without end), next to the real CoLA files.
 
-    python benchmarks/reader_memory.py MODEL_DIR [LINES]     # MODEL_DIR: whose tokenizer (the laptop recipe's MiniLM)
+    python benchmarks/reader_memory.py MODEL_DIR [LINES [ONLY]]   # MODEL_DIR: the laptop recipe's MiniLM; ONLY: cases
+                                                                   # whose name holds this text
 
 Each case is the real command in its own process (train.py for one step, inference.py, the teacher's unlabelled-file
 reader); its peak RSS is the kernel's (os.wait4). Prints a Markdown table for benchmarks/README.md.
@@ -51,6 +52,7 @@ def peak_rss_mb(command: list[str], cwd: Path, env: dict, stdin: bytes = b"") ->
 
 def main() -> None:
     model, lines = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1000
+    only = sys.argv[3] if len(sys.argv) > 3 else ""
     work = Path(tempfile.mkdtemp(prefix="reader-memory-"))
     env = {**os.environ, "HF_DATASETS_CACHE": str(work / "cache"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     dev = "".join(f"src\t{i % 2}\t\tThe boy sat on a bench {i}.\n" for i in range(32))
@@ -68,6 +70,8 @@ def main() -> None:
     }
     rows = []
     for number, (name, files) in enumerate(folders.items()):
+        if only not in name and number:  # the real CoLA run always: inference.py's cases use its checkpoint
+            continue
         folder = files if isinstance(files, Path) else work / f"data-{number}"
         if not isinstance(files, Path):
             folder.mkdir()
@@ -85,13 +89,15 @@ def main() -> None:
     # The teacher's unlabelled file and inference.py's input lines (16 KiB bound), read as the commands read them.
     unlabelled = work / "unlabelled.txt"
     unlabelled.write_text(f"{text}\n" * lines)
-    for name, path in ((f"{lines:,} lines of {len(text) // 1024} KiB", unlabelled), ("/dev/zero", Path("/dev/zero"))):
+    for name, path in () if only else ((f"{lines:,} lines of {len(text) // 1024} KiB", unlabelled), ("/dev/zero", Path("/dev/zero"))):
         command = [sys.executable, "-c", "import sys; from pathlib import Path; from distill import read_unlabelled;"
                    " print(sum(1 for _ in read_unlabelled(Path(sys.argv[1]), 1)))", str(path)]
         rows.append(("--data.unlabelled_file", name, *peak_rss_mb(command, REPO, env)))
     checkpoint = next((work / "run-0").glob("logs/cola/version_0/checkpoints/best-*.ckpt"), None)
     sentence = long_text(INFERENCE_LINE_BYTES - 64)
-    for name, stdin in ((f"{lines:,} lines of {len(sentence) // 1024} KiB", f"{sentence}\n".encode() * lines),
+    subprocess.run([sys.executable, str(REPO / "inference.py"), "--checkpoint", str(checkpoint), "Warm up."], env=env,
+                   capture_output=True)  # its first start exports the model to ONNX: not the reader's memory
+    for name, stdin in () if only else ((f"{lines:,} lines of {len(sentence) // 1024} KiB", f"{sentence}\n".encode() * lines),
                         ("one line of 64 MiB", b"x" * 64 * 2**20)):
         command = [sys.executable, str(REPO / "inference.py"), "--checkpoint", str(checkpoint), "-"]
         rows.append(("inference.py -", name, *peak_rss_mb(command, work, env, stdin)))
