@@ -21,7 +21,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "slow: real services, images, sweeps and long training runs; left out of the fast tier between edits"
-        " (python -m pytest -q -m 'not slow'), run by CI"
+        " (python -m pytest -q -n auto -m 'not slow'), run by CI"
     )
 
 WORDS = "the a boy girl dog cat sat ran saw is was on under bench mat park big small quickly".split()
