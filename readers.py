@@ -252,9 +252,10 @@ def find_split_file(data_dir: Path, split: str) -> Path:
         found = [path for path in candidates if path.is_file()]
     except OSError as e:  # a folder that may not be listed: is_file() raises rather than say False
         raise DataError(f"{candidates[0]}: cannot read ({e.strerror}): check the permissions of --data.data_dir") from None
-    if not found and any(path.exists() for path in candidates):  # /dev/zero, a pipe or a folder named train.tsv
-        raise DataError(f"{next(p for p in candidates if p.exists())}: not a regular file (give a file of examples)")
     if not found:
+        for path in candidates:
+            if path.exists():  # /dev/zero, a pipe or a folder named train.tsv
+                raise DataError(f"{path}: not a regular file (give a file of examples)")
         raise DataError(f"{candidates[0]}: file not found (data_dir must hold {SPLIT_FILES['train']} and {SPLIT_FILES['validation']},"
                         " or train and dev files in CSV or JSON Lines: train.csv, dev.jsonl...)")
     if len(found) > 1:

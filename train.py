@@ -85,7 +85,7 @@ def check_trainer_options(config: Namespace) -> None:
     for key, value in config.items():
         if key == "trainer.devices" and str(value).lstrip("-").isdigit():  # a count given as a string
             value = int(value)
-        if type(value) is int and abs(value) > sys.maxsize and key != "model.head_seed":  # that one: to 2**64 - 1
+        if type(value) is int and abs(value) > sys.maxsize and not key.startswith("model."):  # check_options bounds those
             raise OptionError(f"--{key} {value}: too large (at most {sys.maxsize})")
     seed = config.get("seed_everything")
     if type(seed) is int and not 0 <= seed < 2**32:  # numpy's bounds

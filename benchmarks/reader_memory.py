@@ -53,24 +53,34 @@ def peak_rss_mb(command: list[str], cwd: Path, env: dict, stdin: bytes = b"") ->
 def main() -> None:
     model, lines = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1000
     only = sys.argv[3] if len(sys.argv) > 3 else ""
-    work = Path(tempfile.mkdtemp(prefix="reader-memory-"))
+    with tempfile.TemporaryDirectory(prefix="reader-memory-") as folder:  # ~0.5 GB of files and caches
+        rows = measure(Path(folder), model, lines, only)
+    print("| reader | input | peak RSS (MB) | exit | seconds | last line |\n|---|---|---:|---:|---:|---|")
+    for reader, name, rss, status, last, seconds in rows:
+        print(f"| {reader} | {name} | {rss:,.0f} | {status} | {seconds:.0f} | {last.replace('|', '/')} |")
+
+
+def measure(work: Path, model: str, lines: int, only: str) -> list[tuple]:
+    """The table's rows: each case whose name holds `only`, and the real CoLA run always (its checkpoint is
+    inference.py's)."""
     env = {**os.environ, "HF_DATASETS_CACHE": str(work / "cache"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     dev = "".join(f"src\t{i % 2}\t\tThe boy sat on a bench {i}.\n" for i in range(32))
     text = long_text(MAX_LINE_BYTES - 64)
+    many = f"{lines:,} lines of {len(text) // 1024} KiB"
     folders = {
-        "CoLA TSV, the real train.tsv (7,541 lines)": Path("../shared/data/cola").resolve(),
-        f"CoLA TSV, {lines:,} lines of {len(text) // 1024} KiB": {"train.tsv": "".join(f"src\t{i % 2}\t\t{text}\n" for i in range(lines)), "dev.tsv": dev},
-        f"TSV table, {lines:,} lines of {len(text) // 1024} KiB": {"train.tsv": "sentence\tlabel\n" + "".join(f"{text}\t{i % 2}\n" for i in range(lines)),
-                                                             "dev.tsv": "sentence\tlabel\nThe boy sat.\t1\nBoy the sat.\t0\n"},
-        f"CSV table, {lines:,} lines of {len(text) // 1024} KiB": {"train.csv": "sentence,label\n" + "".join(f"{text},{i % 2}\n" for i in range(lines)),
-                                                             "dev.csv": "sentence,label\nThe boy sat.,1\nBoy the sat.,0\n"},
-        f"JSON Lines, {lines:,} lines of {len(text) // 1024} KiB": {"train.jsonl": "".join(json.dumps({"sentence": text, "label": i % 2}) + "\n" for i in range(lines)),
-                                                              "dev.jsonl": '{"sentence": "The boy sat.", "label": 1}\n{"sentence": "Boy the sat.", "label": 0}\n'},
+        "CoLA TSV, the real train.tsv (7,541 lines)": REPO.parent / "shared/data/cola",
+        f"CoLA TSV, {many}": {"train.tsv": "".join(f"src\t{i % 2}\t\t{text}\n" for i in range(lines)), "dev.tsv": dev},
+        f"TSV table, {many}": {"train.tsv": "sentence\tlabel\n" + "".join(f"{text}\t{i % 2}\n" for i in range(lines)),
+                               "dev.tsv": "sentence\tlabel\nThe boy sat.\t1\nBoy the sat.\t0\n"},
+        f"CSV table, {many}": {"train.csv": "sentence,label\n" + "".join(f"{text},{i % 2}\n" for i in range(lines)),
+                               "dev.csv": "sentence,label\nThe boy sat.,1\nBoy the sat.,0\n"},
+        f"JSON Lines, {many}": {"train.jsonl": "".join(json.dumps({"sentence": text, "label": i % 2}) + "\n" for i in range(lines)),
+                                "dev.jsonl": '{"sentence": "The boy sat.", "label": 1}\n{"sentence": "Boy the sat.", "label": 0}\n'},
         "CoLA TSV, /dev/zero as train.tsv": {"train.tsv": None, "dev.tsv": dev},
     }
     rows = []
     for number, (name, files) in enumerate(folders.items()):
-        if only not in name and number:  # the real CoLA run always: inference.py's cases use its checkpoint
+        if number and only not in name:
             continue
         folder = files if isinstance(files, Path) else work / f"data-{number}"
         if not isinstance(files, Path):
@@ -89,21 +99,22 @@ def main() -> None:
     # The teacher's unlabelled file and inference.py's input lines (16 KiB bound), read as the commands read them.
     unlabelled = work / "unlabelled.txt"
     unlabelled.write_text(f"{text}\n" * lines)
-    for name, path in () if only else ((f"{lines:,} lines of {len(text) // 1024} KiB", unlabelled), ("/dev/zero", Path("/dev/zero"))):
-        command = [sys.executable, "-c", "import sys; from pathlib import Path; from distill import read_unlabelled;"
-                   " print(sum(1 for _ in read_unlabelled(Path(sys.argv[1]), 1)))", str(path)]
-        rows.append(("--data.unlabelled_file", name, *peak_rss_mb(command, REPO, env)))
-    checkpoint = next((work / "run-0").glob("logs/cola/version_0/checkpoints/best-*.ckpt"), None)
+    for name, path in ((many, unlabelled), ("/dev/zero", Path("/dev/zero"))):
+        if only in name:
+            command = [sys.executable, "-c", "import sys; from pathlib import Path; from distill import read_unlabelled;"
+                       " print(sum(1 for _ in read_unlabelled(Path(sys.argv[1]), 1)))", str(path)]
+            rows.append(("--data.unlabelled_file", name, *peak_rss_mb(command, REPO, env)))
+    checkpoint = next((work / "run-0").glob("logs/cola/version_0/checkpoints/best-*.ckpt"))
     sentence = long_text(INFERENCE_LINE_BYTES - 64)
-    subprocess.run([sys.executable, str(REPO / "inference.py"), "--checkpoint", str(checkpoint), "Warm up."], env=env,
-                   capture_output=True)  # its first start exports the model to ONNX: not the reader's memory
-    for name, stdin in () if only else ((f"{lines:,} lines of {len(sentence) // 1024} KiB", f"{sentence}\n".encode() * lines),
-                        ("one line of 64 MiB", b"x" * 64 * 2**20)):
+    inputs = {f"{lines:,} lines of {len(sentence) // 1024} KiB": f"{sentence}\n".encode() * lines, "one line of 64 MiB": b"x" * 2**26}
+    inputs = {name: data for name, data in inputs.items() if only in name}
+    if inputs:  # its first start exports the model to ONNX: not the reader's memory
+        subprocess.run([sys.executable, str(REPO / "inference.py"), "--checkpoint", str(checkpoint), "Warm up."], env=env,
+                       capture_output=True)
+    for name, stdin in inputs.items():
         command = [sys.executable, str(REPO / "inference.py"), "--checkpoint", str(checkpoint), "-"]
         rows.append(("inference.py -", name, *peak_rss_mb(command, work, env, stdin)))
-    print(f"| reader | input | peak RSS (MB) | exit | seconds | last line |\n|---|---|---:|---:|---:|---|")
-    for reader, name, rss, status, last, seconds in rows:
-        print(f"| {reader} | {name} | {rss:,.0f} | {status} | {seconds:.0f} | {last.replace('|', '/')} |")
+    return rows
 
 
 if __name__ == "__main__":
