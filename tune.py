@@ -27,13 +27,20 @@ from typing import Any, Optional, TextIO
 from urllib.parse import unquote, unquote_plus
 
 
+# A URL with user-info (scheme:, any slashes, then user:PASSWORD@ before the host), given to any option.
+URL_WITH_USERINFO = re.compile(r"[A-Za-z][\w+.-]*:/*[^/]*@")
+
+
 def storage_urls(argv: list[str]) -> list[str]:
-    """--storage's values, however given: argparse also takes an unambiguous prefix (--sto, --stor...), and NAME=VALUE."""
+    """--storage's values, however given: argparse also takes an unambiguous prefix (--sto, --stor...), and NAME=VALUE;
+    and any argument shaped like a URL with user-info (given to another option by mistake, an error echoes it)."""
     urls = []
     for i, arg in enumerate(argv):
         name, equals, value = arg.partition("=")
         if len(name) >= len("--s") and "--storage".startswith(name):  # --s, --st: argparse's "ambiguous" error echoes them
             urls += [value] if equals else argv[i + 1:i + 2]
+        elif URL_WITH_USERINFO.match(value if equals else arg):
+            urls.append(value if equals else arg)
     return urls
 
 

@@ -633,6 +633,17 @@ def test_a_storage_password_given_through_an_abbreviated_option_is_in_no_line(ti
     assert PASSWORD not in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("option", ["--n_trials", "--heartbeat_seconds="])
+def test_a_storage_url_given_to_another_option_shows_no_password(tmp_path, option):
+    """Found in review: `--n_trials URL` (a slip of the keyboard) echoed the URL, its password too, in argparse's
+    'invalid int value'. Now any argument shaped like a URL with user-info is masked as --storage's is."""
+    url = f"postgresql://postgres:{PASSWORD}@127.0.0.1:1/db"
+    args = [option + url] if option.endswith("=") else [option, url]
+    result = subprocess.run([sys.executable, str(REPO / "tune.py"), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "invalid int value" in result.stderr and "***" in result.stderr and PASSWORD not in result.stdout + result.stderr
+
+
 @pytest.mark.slow
 # One of the 15 slowest (~70 s): a real PostgreSQL and a whole sweep (stopped, continued, finished, refused), every file read.
 def test_a_password_in_a_postgresql_url_is_in_no_output_or_file_of_a_whole_sweep(postgres_url, tiny_model_dir, tiny_data_dir, tmp_path):
