@@ -1,12 +1,18 @@
 """Offline fixtures: a tiny random-weight BERT with its own WordPiece vocab, and tiny CoLA TSV files."""
 
+import atexit
+import io
+import json
+import locale
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 # Tests never touch the network: fail fast instead of trying the Hub.
@@ -14,6 +20,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import pytest
+import pytorch_lightning  # noqa: F401  (its import sets PYTORCH_NVML_BASED_CUDA_CHECK: part of ENVIRONMENT below)
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
@@ -70,15 +77,60 @@ def tiny_data_dir(tmp_path_factory) -> Path:
     return path
 
 
+ENVIRONMENT = dict(os.environ)  # the tests' own (offline); a test that changes it gets a real subprocess
+# Variables a run reads when it needs them, not at import (pytest's, ours, SLURM's), or that a library sets at its
+# import (scikit-learn's KMP_DUPLICATE_LIB_OK): a change to these still lets a run fork from tests/prewarmed.py;
+# any other change gets a real subprocess (slower, never wrong).
+RUN_TIME_VARIABLE = re.compile(r"PYTEST_CURRENT_TEST$|COLA_RUN_VERSION$|SLURM_|KMP_DUPLICATE_LIB_OK$")
+_prewarmed: dict = {}
+_prewarmed_lock = threading.Lock()
+
+
+def _prewarmed_process() -> subprocess.Popen:
+    """This test process's tests/prewarmed.py (one per pytest-xdist worker), started on first use."""
+    if "process" not in _prewarmed:
+        process = subprocess.Popen([sys.executable, str(REPO / "tests" / "prewarmed.py")], env=ENVIRONMENT,
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        _prewarmed["process"] = process
+        atexit.register(process.stdin.close)  # its loop ends at end of input
+    return _prewarmed["process"]
+
+
+def _decoded(path: Path) -> str:
+    """A file's bytes as subprocess.run(text=True) gives a pipe's: the locale's encoding, newlines made \\n."""
+    return io.TextIOWrapper(io.BytesIO(path.read_bytes()), encoding=locale.getpreferredencoding(False)).read()
+
+
+def run_script(script: str, args: list[str], cwd: Path, stdin: str | None = None,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS` in cwd with its output captured, as subprocess.run(..., capture_output=True, text=True)
+    returns it, run as a child forked from tests/prewarmed.py (the libraries' ~6 s of imports paid once)."""
+    command = [sys.executable, str(REPO / script), *args]
+    changed = {k for k in os.environ.keys() | ENVIRONMENT.keys() if os.environ.get(k) != ENVIRONMENT.get(k)}
+    if any(not RUN_TIME_VARIABLE.match(name) for name in changed):  # the libraries read others once, at import
+        return subprocess.run(command, cwd=cwd, input=stdin, capture_output=True, text=True, timeout=timeout)
+    with _prewarmed_lock, tempfile.TemporaryDirectory(prefix="prewarmed-") as folder:
+        streams = {name: Path(folder) / name for name in ("stdin", "stdout", "stderr")}
+        streams["stdin"].write_text(stdin or "")
+        for name in ("stdout", "stderr"):
+            streams[name].touch()
+        process = _prewarmed_process()
+        request = {"script": command[1], "args": args, "cwd": str(cwd), "timeout": timeout, "env": dict(os.environ),
+                   **{name: str(path) for name, path in streams.items()}}
+        process.stdin.write(json.dumps(request) + "\n")
+        process.stdin.flush()
+        reply = process.stdout.readline()
+        if not reply:
+            raise RuntimeError(f"tests/prewarmed.py ended (exit {process.wait()}): see its output above")
+        stdout, stderr = _decoded(streams["stdout"]), _decoded(streams["stderr"])
+        if json.loads(reply).get("timeout"):
+            raise subprocess.TimeoutExpired(command, timeout, stdout, stderr)
+        return subprocess.CompletedProcess(command, json.loads(reply)["returncode"], stdout, stderr)
+
+
 def run_train(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     """`python train.py ARGS` as a user runs it, in workdir (so logs/ lands there), offline."""
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "--trainer.enable_progress_bar", "false", *args],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_script("train.py", ["--trainer.enable_progress_bar", "false", *args], workdir)
 
 
 def tiny_train_args(model_dir: Path, data_dir: Path) -> list[str]:

@@ -19,7 +19,6 @@ import shutil
 import signal
 import sys
 import traceback
-import typing
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent

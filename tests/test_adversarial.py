@@ -34,7 +34,7 @@ from hypothesis import HealthCheck, given, settings
 import checkpoints
 from benchmarks import serve_load
 from callbacks import AtomicCheckpointIO
-from conftest import REPO, tiny_train_args
+from conftest import REPO, run_script, tiny_train_args
 from export import export_hf, onnx_export
 
 SENTENCES = ["The dog sat on the mat.", "Mat the on sat dog the."]
@@ -560,8 +560,7 @@ def test_a_config_file_bomb_is_one_line(tiny_model_dir, tiny_data_dir, tmp_path)
 def test_options_that_were_tracebacks_are_one_line(tiny_model_dir, tiny_data_dir, tmp_path, script, options, message):
     """Issue 44: on e28d847 a head seed of 2**64 was a 45-line traceback (through tune.py: a study with a failed trial),
     and a text column named `line` another."""
-    result = subprocess.run([sys.executable, str(REPO / script), *tiny_train_args(tiny_model_dir, tiny_data_dir), *options],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = run_script(script, [*tiny_train_args(tiny_model_dir, tiny_data_dir), *options], tmp_path, timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     said = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("Seed set to")]  # Lightning's
     assert len(said) == 1 and said[0].startswith(message), result.stderr
@@ -615,8 +614,7 @@ def test_a_storage_password_is_in_no_line_whatever_the_url(tiny_model_dir, tiny_
     """Found: the password was masked in one error of a well-formed URL and printed in others (a malformed URL
     echoed raw, then a traceback). Fixed: tune.py masks every password of --storage's URL, as typed and
     percent-decoded, in everything it prints (MaskedOutput on stdout and stderr, installed before any import)."""
-    result = subprocess.run([sys.executable, str(REPO / "tune.py"), "--storage", url, *tiny_train_args(tiny_model_dir, tiny_data_dir)],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = run_script("tune.py", ["--storage", url, *tiny_train_args(tiny_model_dir, tiny_data_dir)], tmp_path, timeout=300)
     assert result.returncode == 1 and result.stderr.startswith("error: --storage ") and result.stderr.count("\n") == 1, result.stderr
     for secret in (PASSWORD, PASSWORD.replace(".", "%2E"), "w0rd"):
         assert secret not in result.stdout + result.stderr
@@ -627,8 +625,7 @@ def test_a_storage_password_given_through_an_abbreviated_option_is_in_no_line(ti
     """Issue 44: argparse takes --stor for --storage, and masking looked for --storage alone."""
     url = f"postgresql:/postgres:{PASSWORD}@127.0.0.1:1/db"
     args = [option[0] + url] if option[0].endswith("=") else [option[0], url]
-    result = subprocess.run([sys.executable, str(REPO / "tune.py"), *args, *tiny_train_args(tiny_model_dir, tiny_data_dir)],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = run_script("tune.py", [*args, *tiny_train_args(tiny_model_dir, tiny_data_dir)], tmp_path, timeout=300)
     assert result.returncode in (1, 2) and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert PASSWORD not in result.stdout + result.stderr
 
@@ -639,7 +636,7 @@ def test_a_storage_url_given_to_another_option_shows_no_password(tmp_path, optio
     'invalid int value'. Now any argument shaped like a URL with user-info is masked as --storage's is."""
     url = f"postgresql://postgres:{PASSWORD}@127.0.0.1:1/db"
     args = [option + url] if option.endswith("=") else [option, url]
-    result = subprocess.run([sys.executable, str(REPO / "tune.py"), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = run_script("tune.py", args, tmp_path, timeout=300)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert "invalid int value" in result.stderr and "***" in result.stderr and PASSWORD not in result.stdout + result.stderr
 

@@ -4,7 +4,6 @@ non-finite-loss guard without one, and --model.compile (the same loss as eager; 
 import contextlib
 import io
 import json
-import os
 import sys
 import traceback
 from pathlib import Path

@@ -74,7 +74,7 @@ def test_a_run_reports_the_best_epochs_metrics_by_group_and_they_are_the_recompu
         p, y = [predicted[i] for i in rows], [labels[i] for i in rows]
         assert by_group[part]["mcc"] == pytest.approx(mcc(p, y), abs=1e-6)
         assert by_group[part]["accuracy"] == pytest.approx(sum(a == b for a, b in zip(p, y)) / len(y), abs=1e-6)
-    assert metrics[f"best_val_mcc"] == pytest.approx(mcc(predicted, labels), abs=1e-6)  # the overall metric stays monitored
+    assert metrics["best_val_mcc"] == pytest.approx(mcc(predicted, labels), abs=1e-6)  # the overall metric stays monitored
     for part in ("seen", "unseen"):  # the last epoch's too, as TensorBoard has them
         assert {f"val_{part}_{name}" for name in ("mcc", "accuracy", "f1")} <= set(metrics["last_epoch_metrics"])
     lines = result.stdout.splitlines()

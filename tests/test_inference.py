@@ -14,7 +14,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers import BertConfig, PreTrainedTokenizerFast
 
-from conftest import REPO, make_sentence
+from conftest import REPO, make_sentence, run_script
 from checkpoints import CheckpointError
 from inference import Predictor, InputError, export_hf, find_best_checkpoint
 
@@ -22,10 +22,7 @@ SENTENCES = ["The dog sat on the mat.", "Mat the on sat dog the.", "A big cat ra
 
 
 def run_inference(workdir, *args, stdin=None):
-    return subprocess.run(
-        [sys.executable, str(REPO / "inference.py"), *args],
-        cwd=workdir, input=stdin, capture_output=True, text=True, timeout=300,
-    )
+    return run_script("inference.py", list(args), workdir, stdin=stdin, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,13 @@ and serve.py with its label names; its bad inputs are one line each."""
 import json
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from conftest import REPO, make_sentence, run_train
+from conftest import make_sentence, run_script, run_train
 from data import DataError, OptionError, TextDataModule
 from readers import read_table
 
@@ -111,8 +110,7 @@ def test_a_task_resumes_from_its_last_checkpoint(trained_task, tiny_model_dir):
 
 
 def inference(workdir: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "inference.py"), *args], cwd=workdir, input=stdin,
-                          capture_output=True, text=True, timeout=300)
+    return run_script("inference.py", list(args), workdir, stdin=stdin, timeout=300)
 
 
 def example(name: str) -> str:

@@ -22,7 +22,7 @@ import train
 import tune
 from benchmarks import serve_load
 from callbacks import AtomicCheckpointIO
-from conftest import REPO, tiny_train_args
+from conftest import REPO, run_script, tiny_train_args
 
 pytestmark = pytest.mark.slow  # whole sweeps, two workers, a PostgreSQL server: the fast tier leaves them to CI
 
@@ -267,7 +267,7 @@ def test_a_soup_of_two_trials_is_their_average_and_is_served(tmp_path, tiny_mode
     """tune.py --soup after 2 trials that share --model.head_seed. The tiny model's val MCC is 0 for every run (one
     class predicted), so the greedy rule (a trial joins unless the soup's val MCC drops) takes both."""
     args = ["--n_trials", "2", "--soup", *tune_args(tiny_model_dir, tiny_data_dir, "--model.head_seed", "0")]
-    result = subprocess.run([sys.executable, str(REPO / "tune.py"), *args], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    result = run_script("tune.py", args, tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Soup of trials 0, 1 (2 of 2)" in result.stdout
     run_dir = tmp_path / "logs" / "cola" / "version_2"  # after the trials' version_0 and version_1
@@ -294,7 +294,7 @@ def test_a_soup_of_two_trials_is_their_average_and_is_served(tmp_path, tiny_mode
     assert answer.json()[0]["label"] in ("acceptable", "unacceptable")
     # Issue 44: on e28d847 the same --soup again made a second soup, and a trial whose checkpoint is gone was left out
     # without a word ("2 of 2").
-    again = subprocess.run([sys.executable, str(REPO / "tune.py"), *args], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    again = run_script("tune.py", args, tmp_path, timeout=900)
     assert again.returncode == 0 and f"The soup of these trials is already made: {metrics['best_model_path']}" in again.stdout
     assert not (tmp_path / "logs" / "cola" / "version_3").exists()
     monkeypatch.chdir(tmp_path)  # where the trials' run folders are
