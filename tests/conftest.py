@@ -7,6 +7,7 @@ import locale
 import os
 import random
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -18,9 +19,11 @@ from pathlib import Path
 # Tests never touch the network: fail fast instead of trying the Hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+# One thread for torch's operators here and in every script a test runs: the models are tiny (a second thread costs
+# more than it saves) and the suite runs one process per core (pytest-xdist), whose threads would only contend.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
-import pytorch_lightning  # noqa: F401  (its import sets PYTORCH_NVML_BASED_CUDA_CHECK: part of ENVIRONMENT below)
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
@@ -77,13 +80,20 @@ def tiny_data_dir(tmp_path_factory) -> Path:
     return path
 
 
-ENVIRONMENT = dict(os.environ)  # the tests' own (offline); a test that changes it gets a real subprocess
-# Variables a run reads when it needs them, not at import (pytest's, ours, SLURM's), or that a library sets at its
-# import (scikit-learn's KMP_DUPLICATE_LIB_OK): a change to these still lets a run fork from tests/prewarmed.py;
-# any other change gets a real subprocess (slower, never wrong).
-RUN_TIME_VARIABLE = re.compile(r"PYTEST_CURRENT_TEST$|COLA_RUN_VERSION$|SLURM_|KMP_DUPLICATE_LIB_OK$")
+ENVIRONMENT = dict(os.environ)  # the tests' own (offline), as collection left it; see pytest_collection_finish
+# Variables a run reads when it needs them, not at import (pytest's, ours, SLURM's, Lightning's seed that an
+# in-process run leaves set): a change to these still lets a run fork from tests/prewarmed.py, which passes them
+# on; a change to any other gets a real subprocess (slower, never wrong).
+RUN_TIME_VARIABLE = re.compile(r"PYTEST_CURRENT_TEST$|COLA_RUN_VERSION$|SLURM_|PL_GLOBAL_SEED$|PL_SEED_WORKERS$")
 _prewarmed: dict = {}
 _prewarmed_lock = threading.Lock()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The environment once every test module is imported: some libraries set variables at their import
+    (scikit-learn: KMP_DUPLICATE_LIB_OK), which is no change made by a test."""
+    ENVIRONMENT.clear()
+    ENVIRONMENT.update(os.environ)
 
 
 def _prewarmed_process() -> subprocess.Popen:
@@ -101,14 +111,17 @@ def _decoded(path: Path) -> str:
     return io.TextIOWrapper(io.BytesIO(path.read_bytes()), encoding=locale.getpreferredencoding(False)).read()
 
 
-def run_script(script: str, args: list[str], cwd: Path, stdin: str | None = None,
-               timeout: float = 600) -> subprocess.CompletedProcess:
+def run_script(script: str, args: list[str], cwd: Path, stdin: str | None = None, timeout: float = 600,
+               memory_limit_gb: int | None = None) -> subprocess.CompletedProcess:
     """`python SCRIPT ARGS` in cwd with its output captured, as subprocess.run(..., capture_output=True, text=True)
-    returns it, run as a child forked from tests/prewarmed.py (the libraries' ~6 s of imports paid once)."""
+    returns it, run as a child forked from tests/prewarmed.py (the libraries' ~6 s of imports paid once).
+    memory_limit_gb: the process's address space capped (RLIMIT_AS): an unbounded input ends in a MemoryError."""
     command = [sys.executable, str(REPO / script), *args]
+    address_space = memory_limit_gb << 30 if memory_limit_gb else None
     changed = {k for k in os.environ.keys() | ENVIRONMENT.keys() if os.environ.get(k) != ENVIRONMENT.get(k)}
     if any(not RUN_TIME_VARIABLE.match(name) for name in changed):  # the libraries read others once, at import
-        return subprocess.run(command, cwd=cwd, input=stdin, capture_output=True, text=True, timeout=timeout)
+        limit = (lambda: resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))) if address_space else None
+        return subprocess.run(command, cwd=cwd, input=stdin, capture_output=True, text=True, timeout=timeout, preexec_fn=limit)
     with _prewarmed_lock, tempfile.TemporaryDirectory(prefix="prewarmed-") as folder:
         streams = {name: Path(folder) / name for name in ("stdin", "stdout", "stderr")}
         streams["stdin"].write_text(stdin or "")
@@ -116,6 +129,7 @@ def run_script(script: str, args: list[str], cwd: Path, stdin: str | None = None
             streams[name].touch()
         process = _prewarmed_process()
         request = {"script": command[1], "args": args, "cwd": str(cwd), "timeout": timeout, "env": dict(os.environ),
+                   "address_space": address_space,
                    **{name: str(path) for name, path in streams.items()}}
         process.stdin.write(json.dumps(request) + "\n")
         process.stdin.flush()

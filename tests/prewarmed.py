@@ -7,13 +7,14 @@ script as `python SCRIPT` would (runpy as __main__, sys.argv, sys.path[0]), with
 It starts no thread and runs no torch operation before it forks, so the children fork from a clean state.
 
 Protocol, one JSON line each way on stdin/stdout: {"script", "args", "cwd", "env", "stdin", "stdout", "stderr",
-"timeout"} (the three streams as file paths) -> {"returncode"} or {"timeout": true} (the child was killed).
+"timeout", "address_space" (RLIMIT_AS in bytes, or null)} (the three streams as file paths) -> {"returncode"} or {"timeout": true} (the child was killed).
 Used by tests/conftest.py `run_script`; a test that changes a variable the libraries read at import (HF_HOME,
 XDG_CACHE_HOME, ...) gets a real subprocess there.
 """
 
 import json
 import os
+import resource
 import runpy
 import signal
 import sys
@@ -37,6 +38,8 @@ def child(request: dict) -> None:
     """In the forked child: become `python SCRIPT ARGS` in request["cwd"], then exit as Python would."""
     import random
 
+    if request["address_space"]:
+        resource.setrlimit(resource.RLIMIT_AS, (request["address_space"],) * 2)
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])  # the test's, as subprocess.run would pass it

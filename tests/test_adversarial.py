@@ -533,8 +533,8 @@ def test_every_value_of_a_search_space_is_checked_before_the_study_exists(tiny_m
     of a range parsed as train.py parses them and checked as it checks before loading (train.check_config); finite
     bounds within 2**53 (Optuna keeps values as floats); choices scalars; YAML with at most 100,000 values."""
     (tmp_path / "space.yaml").write_text(space)
-    result = subprocess.run([sys.executable, str(REPO / "tune.py"), "--search_space", "space.yaml",
-                             *tiny_train_args(tiny_model_dir, tiny_data_dir)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = run_script("tune.py", ["--search_space", "space.yaml", *tiny_train_args(tiny_model_dir, tiny_data_dir)], tmp_path,
+                        timeout=300)
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and len(result.stderr) < 400, result.stderr[-2000:]
     assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
     assert not (tmp_path / "logs").exists()  # no study (logs/tune.db), no trial's run folder
@@ -545,9 +545,8 @@ def test_a_config_file_bomb_is_one_line(tiny_model_dir, tiny_data_dir, tmp_path)
     killer. Fixed: train.py's YAML loader counts values on the node graph first (readers.check_yaml_size)."""
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 8)]
     (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\n")
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", "bomb.yaml", *tiny_train_args(tiny_model_dir, tiny_data_dir)],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30)))
+    result = run_script("train.py", ["--config", "bomb.yaml", *tiny_train_args(tiny_model_dir, tiny_data_dir)], tmp_path,
+                        timeout=300, memory_limit_gb=8)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
     assert "over 100,000 values once its aliases are expanded" in result.stderr and not (tmp_path / "logs").exists()
 
@@ -569,10 +568,7 @@ def test_options_that_were_tracebacks_are_one_line(tiny_model_dir, tiny_data_dir
 
 def run_under_memory_limit(script: str, args: list[str], cwd: Path, gigabytes: int = 4) -> subprocess.CompletedProcess:
     """A script run with its address space capped (RLIMIT_AS): an input that is not bounded ends in a MemoryError."""
-    limit = gigabytes << 30
-    return subprocess.run([sys.executable, str(REPO / script), "--trainer.enable_progress_bar", "false", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300,
-                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    return run_script(script, ["--trainer.enable_progress_bar", "false", *args], cwd, timeout=300, memory_limit_gb=gigabytes)
 
 
 @pytest.mark.parametrize("kind", ["cola", "jsonl"])
