@@ -80,18 +80,18 @@ def tiny_data_dir(tmp_path_factory) -> Path:
     return path
 
 
-ENVIRONMENT = dict(os.environ)  # the tests' own (offline), as collection left it; see pytest_collection_finish
-# Variables a run reads when it needs them, not at import (pytest's, ours, SLURM's, Lightning's seed that an
-# in-process run leaves set): a change to these still lets a run fork from tests/prewarmed.py, which passes them
-# on; a change to any other gets a real subprocess (slower, never wrong).
-RUN_TIME_VARIABLE = re.compile(r"PYTEST_CURRENT_TEST$|COLA_RUN_VERSION$|SLURM_|PL_GLOBAL_SEED$|PL_SEED_WORKERS$")
+ENVIRONMENT = dict(os.environ)  # the tests' own (offline), as collection left it; tests/prewarmed.py starts with it
+# Variables that the interpreter, the C libraries or the libraries tests/prewarmed.py has loaded (torch, transformers,
+# datasets, huggingface_hub) read once, when they start: a test that changes one (XDG_CACHE_HOME, say) gets a real
+# subprocess. Any other change (Lightning's seed, a SLURM job, what a library sets for itself) is passed on to the child.
+IMPORT_TIME_VARIABLE = re.compile(r"HF_|HUGGINGFACE_|TRANSFORMERS_|DATASETS_|TORCH_LOGS$|XDG_|HOME$|TMPDIR$|TEMP$|TMP$"
+                                  r"|PYTHON|LD_|OMP_|MKL_|OPENBLAS_|CUDA_|LANG$|LC_")
 _prewarmed: dict = {}
 _prewarmed_lock = threading.Lock()
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """The environment once every test module is imported: some libraries set variables at their import
-    (scikit-learn: KMP_DUPLICATE_LIB_OK), which is no change made by a test."""
+    """The environment once every test module is imported (and with it every library the tests use)."""
     ENVIRONMENT.clear()
     ENVIRONMENT.update(os.environ)
 
@@ -119,7 +119,7 @@ def run_script(script: str, args: list[str], cwd: Path, stdin: str | None = None
     command = [sys.executable, str(REPO / script), *args]
     address_space = memory_limit_gb << 30 if memory_limit_gb else None
     changed = {k for k in os.environ.keys() | ENVIRONMENT.keys() if os.environ.get(k) != ENVIRONMENT.get(k)}
-    if any(not RUN_TIME_VARIABLE.match(name) for name in changed):  # the libraries read others once, at import
+    if any(IMPORT_TIME_VARIABLE.match(name) for name in changed):
         limit = (lambda: resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))) if address_space else None
         return subprocess.run(command, cwd=cwd, input=stdin, capture_output=True, text=True, timeout=timeout, preexec_fn=limit)
     with _prewarmed_lock, tempfile.TemporaryDirectory(prefix="prewarmed-") as folder:
