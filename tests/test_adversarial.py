@@ -374,7 +374,7 @@ def test_what_a_writer_killed_mid_write_left_is_removed_by_the_next_write_there(
 
 
 @pytest.mark.slow  # ~20-35 s: the fast tier keeps the quicker tests of the same code
-# One of the 15 slowest (~70 s): three inference.py processes killed in their export, then one that exports whole.
+# One of the 15 slowest (~45 s): three inference.py processes killed in their export, then one that exports whole.
 def test_kill_9_during_the_onnx_export_leaves_nothing_the_next_run_trips_on(best_checkpoint, tmp_path):
     """Held, now with nothing left behind: inference.py killed at three moments of its first-use export; the next
     run exports, answers, and leaves only the checkpoint and its export."""
@@ -638,7 +638,7 @@ def test_a_storage_url_given_to_another_option_shows_no_password(tmp_path, optio
 
 
 @pytest.mark.slow
-# One of the 15 slowest (~70 s): a real PostgreSQL and a whole sweep (stopped, continued, finished, refused), every file read.
+# One of the 15 slowest (~30 s): a real PostgreSQL and a whole sweep (stopped, continued, finished, refused), every file read.
 def test_a_password_in_a_postgresql_url_is_in_no_output_or_file_of_a_whole_sweep(postgres_url, tiny_model_dir, tiny_data_dir, tmp_path):
     """Found: with a password in --storage, the "ran other options" refusal, the "stopped:" line and the
     "Resume with:" lines after a signal printed it. Fixed (MaskedOutput): a sweep stopped by SIGTERM mid-trial,

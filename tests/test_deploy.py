@@ -148,7 +148,8 @@ def lines_of_a_container_given(image: tuple[str, dict], folder: Path) -> tuple[i
     return result.returncode, result.stderr.splitlines()
 
 
-# One of the 15 slowest (~100 s, CI 2026-12-07): its `image` fixture builds the image with podman once, for every test here.
+# One of the 15 slowest on a fresh machine (~100 s, CI 2026-12-07; seconds where podman has the layers): its `image`
+# fixture builds the image with podman once, for every test here.
 def test_the_image_given_a_checkpoint_or_nothing_says_in_one_line_it_needs_an_export(image, best_checkpoint, tmp_path):
     (tmp_path / "ckpt").mkdir()
     shutil.copy(best_checkpoint, tmp_path / "ckpt")

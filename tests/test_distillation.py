@@ -155,7 +155,7 @@ def one_line_error(result) -> str:
 
 
 @pytest.mark.slow  # ~20-35 s: the fast tier keeps the quicker tests of the same code
-# One of the 15 slowest (~50 s): a train.py process for each bad teacher (missing, damaged, another task's).
+# A train.py process for each bad teacher (missing, damaged, another task's).
 def test_a_missing_damaged_or_other_task_teacher_is_one_line(teacher, tmp_path, tiny_model_dir, tiny_data_dir):
     args = tiny_train_args(tiny_model_dir, tiny_data_dir) + ["--trainer.max_epochs", "1"]
     assert "no.ckpt: --model.teacher not found" in one_line_error(run_train(tmp_path, *args, "--model.teacher", "no.ckpt"))
@@ -203,7 +203,7 @@ def test_an_unlabelled_file_is_one_text_or_pair_a_line_and_a_bad_line_is_named(t
 
 
 @pytest.mark.slow  # ~20-35 s: the fast tier keeps the quicker tests of the same code
-# One of the 15 slowest (~50 s): the teacher labels unlabelled and perturbed examples, then a student trains on them.
+# The teacher labels unlabelled and perturbed examples, then a student trains on them.
 def test_extra_examples_are_labelled_by_the_teacher_and_recorded_in_the_run(teacher, tmp_path, tiny_model_dir, tiny_data_dir):
     unlabelled = tmp_path / "more.txt"
     unlabelled.write_text("The dog sat on the mat.\nThe cat sat on the mat.\n")

@@ -148,7 +148,7 @@ def test_compiled_model_computes_the_eager_loss_and_gradients(tiny_model_dir, ti
 
 
 @pytest.mark.slow
-# One of the 15 slowest (~90 s): inductor compiles the model's graphs with a C++ compiler on the CPU, twice (run, resume).
+# One of the 15 slowest (~45 s): inductor compiles the model's graphs with a C++ compiler on the CPU, twice (run, resume).
 def test_a_compiled_run_trains_checkpoints_resumes_and_exports(tmp_path, tiny_model_dir, tiny_data_dir):
     args = [*tiny_train_args(tiny_model_dir, tiny_data_dir), "--model.compile", "true"]
     first = run_train(tmp_path, *args, "--trainer.max_epochs", "1")

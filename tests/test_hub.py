@@ -283,7 +283,8 @@ def readme_first_command() -> list[str]:
     return shlex.split(command)[1:]
 
 
-# One of the 15 slowest (~80 s): the README's first command through a Hub mirror, downloads and all, then from its cache.
+# One of the 15 slowest (~40 s): the README's first command through a Hub mirror, downloads and all, then from its cache
+# (real processes: HF_ENDPOINT is read at import, so tests/prewarmed.py cannot run them).
 def test_the_readme_first_command_trains_from_the_hub_then_from_its_cache(hub, mirrors, tmp_path):
     _, splits = mirrors
     work, hf_home = tmp_path / "work", tmp_path / "hf_home"
@@ -320,7 +321,7 @@ def test_the_readme_first_command_trains_from_the_hub_then_from_its_cache(hub, m
 
 
 @pytest.mark.parametrize("task", list(OTHER_TASKS))
-# Two of the 15 slowest (~47 s each): each task downloaded from the mirror, trained, and its test split answered.
+# One or two of the 15 slowest (~20-25 s each): each task downloaded from the mirror, trained, and its test split answered.
 def test_other_glue_tasks_train_from_the_hub_and_answer_glues_test_split(hub, task, tmp_path):
     texts, names = OTHER_TASKS[task]
     env = user_env(hub.url, tmp_path / "hf_home")
@@ -376,7 +377,7 @@ def test_a_missing_or_gated_repository_is_one_line(hub, tmp_path, repository, re
     assert f"'{repository}'" in line and hub.url in line and says in line and "hf auth login" in line
 
 
-# One of the 15 slowest (~50 s): a download cut by the mirror, then a run that downloads and trains.
+# One of the 15 slowest (~30 s): a download cut by the mirror, then a run that downloads and trains.
 def test_a_download_cut_off_is_one_line_and_the_next_run_downloads_it_whole(hub, mirrors, tmp_path):
     hf_home, env = tmp_path / "hf_home", user_env(hub.url, tmp_path / "hf_home")
     args = [str(REPO / "train.py"), "--model.model_name_or_path", OWN_ID, *ONE_EPOCH]

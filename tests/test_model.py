@@ -249,7 +249,7 @@ def test_ema_weights_are_what_validation_the_checkpoint_and_the_export_hold(tiny
 
 
 @pytest.mark.slow  # ~20-35 s: the fast tier keeps the quicker tests of the same code
-# One of the 15 slowest (~50 s): two train.py processes (a run with EMA, its resume with another decay).
+# One of the 15 slowest (~35 s): three train.py runs (with EMA, its resume, a resume with another decay), each exported.
 def test_ema_resume_is_refused_without_the_same_decay(tiny_model_dir, tiny_data_dir, tmp_path):
     from conftest import run_train
 

@@ -187,7 +187,7 @@ def test_the_model_summary_counts_flops_on_an_example_sentence(trained):
 
 
 @pytest.mark.slow
-# One of the 15 slowest (~55 s): one cut model trained, resumed, exported to fp32 and int8 ONNX and served.
+# One of the 15 slowest (~30 s): one cut model trained, resumed, exported to fp32 and int8 ONNX and served.
 def test_num_layers_keeps_the_first_layers_in_export_int8_serving_and_resume(tmp_path, tiny_model_dir, tiny_data_dir):
     from fastapi.testclient import TestClient
 

@@ -85,6 +85,8 @@ def check_every_trial_ran_once(workdir: Path, storage: str, n_trials: int) -> op
 
 
 @pytest.fixture(scope="module")
+# One of the 15 slowest (~30 s, in its first test's setup): two tune.py worker processes (real ones: each its own
+# environment), 3 trials, shared by the tests below.
 def sweep(tmp_path_factory, tiny_model_dir, tiny_data_dir) -> Path:
     """Two workers that ran one 3-trial study in the default SQLite storage: their working directory."""
     workdir = tmp_path_factory.mktemp("sweep")
@@ -131,12 +133,14 @@ def test_pruned_trials_say_so_and_are_never_picked(sweep, tiny_model_dir, tiny_d
     assert table.count("| pruned |") == 2 and "5 trials, 2 pruned" in table
 
 
+# One of the 15 slowest (~27 s): a real PostgreSQL server, two tune.py worker processes, 3 trials.
 def test_two_workers_share_a_postgresql_study(postgres_url, tmp_path, tiny_model_dir, tiny_data_dir):
     two_workers(tmp_path, ["--storage", postgres_url, "--n_trials", "3", *tune_args(tiny_model_dir, tiny_data_dir)])
     check_every_trial_ran_once(tmp_path, postgres_url.replace("postgresql://", "postgresql+psycopg://"), 3)
 
 
-# One of the 15 slowest (~85 s): three tune.py processes (Ctrl-C, kill -9, the finish), each paying ~8 s of imports.
+# One of the 15 slowest (~35 s): three tune.py processes (Ctrl-C, kill -9, the finish), real ones (signals), each paying
+# ~6 s of imports.
 def test_a_ctrl_c_and_a_kill_9_continue_with_the_same_command(tmp_path, tiny_model_dir, tiny_data_dir):
     """Ctrl-C in trial 0 (epoch 2): exit 130. The same command: the retried trial resumes in its folder, and its
     worker is killed (kill -9) there. The same command again: it finishes the sweep, trial 0's seed in its folder."""
@@ -165,7 +169,7 @@ def test_a_ctrl_c_and_a_kill_9_continue_with_the_same_command(tmp_path, tiny_mod
     assert "stopped, retried" in out
 
 
-# One of the 15 slowest (~65 s): a worker killed mid-trial, the heartbeat's grace period, then the retried trial.
+# One of the 15 slowest (~25 s): a worker killed mid-trial, the heartbeat's grace period, then the retried trial.
 def test_a_sweep_whose_only_trial_lost_its_worker_finishes_with_the_same_command(tmp_path, tiny_model_dir, tiny_data_dir):
     """kill -9 in the last trial still needed: that trial counted as running forever, and every later run of the
     command said "still running" and trained nothing. Now it is failed once its heartbeat is stale, and retried."""
@@ -262,7 +266,7 @@ def test_after_a_sweep_its_best_trial_is_picked_and_a_later_plain_run_wins(tmp_p
     assert checkpoints.find_best_checkpoint(log_dir) == later
 
 
-# One of the 15 slowest (~95 s): two trials, their soup, its ONNX export and a server on it: the feature end to end.
+# One of the 15 slowest (~25 s): two trials, their soup, its ONNX export and a server on it: the feature end to end.
 def test_a_soup_of_two_trials_is_their_average_and_is_served(tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch, capsys):
     """tune.py --soup after 2 trials that share --model.head_seed. The tiny model's val MCC is 0 for every run (one
     class predicted), so the greedy rule (a trial joins unless the soup's val MCC drops) takes both."""
