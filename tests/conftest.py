@@ -102,7 +102,7 @@ def _prewarmed_process() -> subprocess.Popen:
         process = subprocess.Popen([sys.executable, str(REPO / "tests" / "prewarmed.py")], env=ENVIRONMENT,
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         _prewarmed["process"] = process
-        atexit.register(process.stdin.close)  # its loop ends at end of input
+        atexit.register(process.kill)  # at the end of the session; its children are waited for by then
     return _prewarmed["process"]
 
 
@@ -125,21 +125,24 @@ def run_script(script: str, args: list[str], cwd: Path, stdin: str | None = None
     with _prewarmed_lock, tempfile.TemporaryDirectory(prefix="prewarmed-") as folder:
         streams = {name: Path(folder) / name for name in ("stdin", "stdout", "stderr")}
         streams["stdin"].write_text(stdin or "")
-        for name in ("stdout", "stderr"):
-            streams[name].touch()
+        streams["stdout"].touch()  # the child opens them for writing, without creating them
+        streams["stderr"].touch()
         process = _prewarmed_process()
         request = {"script": command[1], "args": args, "cwd": str(cwd), "timeout": timeout, "env": dict(os.environ),
                    "address_space": address_space,
                    **{name: str(path) for name, path in streams.items()}}
-        process.stdin.write(json.dumps(request) + "\n")
-        process.stdin.flush()
-        reply = process.stdout.readline()
-        if not reply:
+        try:
+            process.stdin.write(json.dumps(request) + "\n")
+            process.stdin.flush()
+            line = process.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:
             raise RuntimeError(f"tests/prewarmed.py ended (exit {process.wait()}): see its output above")
-        stdout, stderr = _decoded(streams["stdout"]), _decoded(streams["stderr"])
-        if json.loads(reply).get("timeout"):
+        reply, stdout, stderr = json.loads(line), _decoded(streams["stdout"]), _decoded(streams["stderr"])
+        if reply.get("timeout"):
             raise subprocess.TimeoutExpired(command, timeout, stdout, stderr)
-        return subprocess.CompletedProcess(command, json.loads(reply)["returncode"], stdout, stderr)
+        return subprocess.CompletedProcess(command, reply["returncode"], stdout, stderr)
 
 
 def run_train(workdir: Path, *args: str) -> subprocess.CompletedProcess:
